@@ -1,0 +1,143 @@
+"""Errors raised by the pool and the fresh-interpreter runner.
+
+Each carries the facts a user needs to act on it (item index, pid, exit code or signal name,
+timeout value) as attributes, and says them in its message. All survive pickling, so they can
+cross a process boundary or be stored by Airflow.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` -> ``"killed by SIGKILL"``, ``3`` -> ``"exit code 3"`` (Popen/psutil convention)."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exit code {exitcode}"
+
+
+class SafeprocError(Exception):
+    """Base class of every error this package raises on its own account."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from attributes, not from ``args``: subclasses take keyword-only facts.
+        return (_rebuild, (type(self), self.__dict__, str(self)))
+
+
+def _rebuild(cls: type[SafeprocError], state: dict[str, Any], message: str) -> SafeprocError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class ConfigurationError(SafeprocError, ValueError):
+    """An argument that can never work (``max_workers=-1``); raised before any process starts."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in another process, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(SafeprocError):
+    """A user exception whose type could not be rebuilt in this process.
+
+    Raised instead of the original when its class is not importable here or its ``__init__``
+    does not accept its own ``args`` back. ``exc_type`` is the qualified name of the original
+    type, ``traceback`` the worker's formatted traceback.
+    """
+
+    def __init__(self, exc_type: str, message: str, traceback: str, *, item: int | None = None) -> None:
+        where = f" (item {item})" if item is not None else ""
+        super().__init__(f"{exc_type}: {message}{where}\n\nRemote traceback:\n{traceback}")
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+        self.item = item
+
+
+class SerializationError(SafeprocError, TypeError):
+    """A callable, argument or result that cloudpickle cannot serialize."""
+
+    def __init__(self, what: str, type_name: str, reason: str, *, item: int | None = None) -> None:
+        where = f" of item {item}" if item is not None else ""
+        super().__init__(f"cannot serialize the {what}{where}: {type_name} ({reason})")
+        self.what = what
+        self.type_name = type_name
+        self.reason = reason
+        self.item = item
+
+
+class WorkerLostError(SafeprocError):
+    """The worker process running an item died (SIGKILL, OOM killer, ``os._exit``)."""
+
+    def __init__(self, *, pid: int, exitcode: int | None, item: int | None = None) -> None:
+        where = f" while running item {item}" if item is not None else ""
+        super().__init__(f"worker process {pid} died{where}: {describe_exit(exitcode)}")
+        self.pid = pid
+        self.exitcode = exitcode
+        self.item = item
+
+    @property
+    def signal_name(self) -> str | None:
+        """``"SIGKILL"`` when the worker was killed by a signal, else None."""
+        if self.exitcode is None or self.exitcode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.exitcode).name
+        except ValueError:
+            return None
+
+
+class ItemTimeoutError(SafeprocError, TimeoutError):
+    """An item ran longer than ``item_timeout``; its worker was killed and replaced."""
+
+    def __init__(self, *, item: int | None, timeout: float, pid: int | None = None) -> None:
+        who = f" in worker {pid}" if pid is not None else ""
+        super().__init__(f"item {item} exceeded item_timeout={timeout:g} s{who}; the worker was killed")
+        self.item = item
+        self.timeout = timeout
+        self.pid = pid
+
+
+class InterpreterDiedError(SafeprocError):
+    """The fresh interpreter ended without returning a result (signal or ``os._exit``)."""
+
+    def __init__(self, *, pid: int, exitcode: int | None, detail: str = "") -> None:
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"interpreter process {pid} ended without a result, {describe_exit(exitcode)}{extra}")
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+class InterpreterTimeoutError(SafeprocError, TimeoutError):
+    """The fresh interpreter ran past ``timeout``; it and every process it started were ended."""
+
+    def __init__(self, *, pid: int, timeout: float) -> None:
+        super().__init__(f"interpreter process {pid} exceeded timeout={timeout:g} s and was killed")
+        self.pid = pid
+        self.timeout = timeout
+
+
+class VirtualenvError(SafeprocError):
+    """A virtualenv could not be built or its requirements not installed."""
+
+    def __init__(self, message: str, *, output_tail: str = "") -> None:
+        full = f"{message}\n--- installer output (tail) ---\n{output_tail}" if output_tail else message
+        super().__init__(full)
+        self.output_tail = output_tail
