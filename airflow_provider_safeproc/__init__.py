@@ -23,7 +23,18 @@ _LAZY = {
     "effective_cpu_count": "airflow_provider_safeproc.cpu",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "InterpreterHandle",
+    "MapSummary",
+    "SafeProcessPoolExecutor",
+    "__version__",
+    "effective_cpu_count",
+    "ensure_virtualenv",
+    "format_progress",
+    "reap_process_tree",
+    "run_in_interpreter",
+    "start_in_interpreter",
+]
 
 if TYPE_CHECKING:
     from airflow_provider_safeproc.cpu import effective_cpu_count

@@ -26,8 +26,8 @@ else:  # pragma: no cover - exercised by `make test-airflow2`
     from airflow.utils.context import Context
 
 __all__ = [
-    "AIRFLOW_V_3",
     "AIRFLOW_VERSION",
+    "AIRFLOW_V_3",
     "BaseOperator",
     "Context",
     "DecoratedOperator",
@@ -69,7 +69,9 @@ def task_states(dag_id: str, run_id: str) -> dict[str, str | None]:
     }
 
 
-def read_xcom(dag_id: str, run_id: str, task_id: str, *, key: str = "return_value", map_index: int = -1) -> Any:
+def read_xcom(
+    dag_id: str, run_id: str, task_id: str, *, key: str = "return_value", map_index: int = -1
+) -> Any:
     """One stored XCom value, deserialized. 3.x replaced XCom.get_one with XComModel queries."""
     from airflow.utils.session import create_session
 

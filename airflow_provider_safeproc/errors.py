@@ -120,7 +120,9 @@ class InterpreterDiedError(SafeprocError):
 
     def __init__(self, *, pid: int, exitcode: int | None, detail: str = "") -> None:
         extra = f": {detail}" if detail else ""
-        super().__init__(f"interpreter process {pid} ended without a result, {describe_exit(exitcode)}{extra}")
+        super().__init__(
+            f"interpreter process {pid} ended without a result, {describe_exit(exitcode)}{extra}"
+        )
         self.pid = pid
         self.exitcode = exitcode
 

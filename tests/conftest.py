@@ -6,7 +6,8 @@
 - ``run_in_daemon``: runs a function inside a *daemonic* process, a spawned
   ``multiprocessing.Process`` or ``billiard.Process`` (how Celery's prefork pool runs tasks),
   where the stdlib refuses to start children.
-- An autouse guard that fails a test which leaves a descendant process alive.
+- An autouse guard that fails a test which leaves a descendant process alive, and a hook that
+  fails a test whose process forks while it has other threads (Python 3.12+ warns about it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ import pytest  # noqa: E402
 
 from tests.harness.airflow_dags import DagRunner  # noqa: E402
 from tests.harness.daemon import run_in_daemon as _run_in_daemon  # noqa: E402
+from tests.harness.forkcheck import fail_on_fork_with_threads  # noqa: E402
 from tests.harness.processes import leftover_descendants, reap_leftovers  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Python 3.12+: a fork from a multi-threaded process fails the test (see forkcheck)."""
+    with fail_on_fork_with_threads():
+        return (yield)
 
 
 @pytest.fixture(scope="session")

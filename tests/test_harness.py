@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from tests.harness.airflow_dags import DAG_IMPORTS
 from tests.harness.daemon import DaemonError
 
 
@@ -54,9 +55,9 @@ def test_stdlib_pool_works_outside_daemon():
     assert not multiprocessing.current_process().daemon
 
 
-SUCCESS_DAG = """
-import pendulum
-from airflow.sdk import dag, task
+SUCCESS_DAG = (
+    DAG_IMPORTS
+    + """
 
 @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
 def harness_ok():
@@ -72,6 +73,7 @@ def harness_ok():
 
 harness_ok()
 """
+)
 
 
 @pytest.mark.integration

@@ -16,6 +16,15 @@ from typing import Any
 
 from airflow_provider_safeproc import _compat
 
+# Prepend to DAG sources written by tests: the authoring API moved to airflow.sdk in Airflow 3.
+DAG_IMPORTS = """\
+import pendulum
+try:
+    from airflow.sdk import dag, task
+except ImportError:  # Airflow 2
+    from airflow.decorators import dag, task
+"""
+
 
 def create_metadata_db() -> None:
     from airflow.utils import db

@@ -70,7 +70,9 @@ def _stop_billiard_semaphore_tracker(pids: set[int]) -> None:
             os.waitpid(pid, 0)
 
 
-def run_in_daemon(fn: Any, *args: Any, kind: str = "multiprocessing", timeout: float = 180, **kwargs: Any) -> Any:
+def run_in_daemon(
+    fn: Any, *args: Any, kind: str = "multiprocessing", timeout: float = 180, **kwargs: Any
+) -> Any:
     """Call ``fn(*args, **kwargs)`` in a fresh daemonic process and return its result.
 
     ``kind`` is ``"multiprocessing"`` or ``"billiard"``. An exception in ``fn`` is re-raised

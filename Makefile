@@ -1,0 +1,65 @@
+# Two commands on a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+# Versions are pinned in requirements/ (airflow3.txt, airflow2.txt are uv-compiled locks).
+#   make test                       Airflow 3, Python 3.11: unit + integration tests (minutes)
+#   make test PYTHON=3.12           the same on Python 3.12 (fork-with-threads warnings are errors)
+#   make test-airflow2              the suite on Airflow 2.11
+#   make e2e                        real deployments: Redis + CeleryExecutor, LocalExecutor
+#   make demo                       run the example gallery in real Airflow, print a table
+#   make lint / make lock / make bench
+
+PYTHON  ?= 3.11
+AIRFLOW ?= 3
+ifeq ($(PYTHON)-$(AIRFLOW),3.11-3)
+VENV    ?= .venv
+else
+VENV    ?= .venv-py$(PYTHON)-af$(AIRFLOW)
+endif
+LOCK    := requirements/airflow$(AIRFLOW).txt
+TOOLS   := .venv-tools
+UV      := $(TOOLS)/bin/uv
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_NO_PROGRESS := 1
+
+.PHONY: install test test-airflow2 e2e demo lint bench lock clean
+
+$(UV): requirements/uv.txt
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/uv.txt
+	touch $@
+
+$(VENV)/.installed: $(UV) $(LOCK) pyproject.toml
+	$(UV) venv --quiet --allow-existing --python "$$(scripts/find-python $(PYTHON))" $(VENV)
+	$(UV) pip sync --quiet --python $(PY) $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+test-airflow2:
+	$(MAKE) test AIRFLOW=2
+
+e2e: install
+	$(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: install
+	for bench in benchmarks/bench_*.py; do echo "== $$bench"; $(PY) $$bench || exit 1; done
+
+lock: $(UV)
+	$(UV) pip compile --quiet --universal --python-version 3.11 requirements/airflow3.in -o requirements/airflow3.txt
+	$(UV) pip compile --quiet --universal --python-version 3.11 requirements/airflow2.in -o requirements/airflow2.txt
+
+clean:
+	rm -rf .venv .venv-* .demo .e2e
