@@ -8,6 +8,7 @@ cross a process boundary or be stored by Airflow.
 from __future__ import annotations
 
 import signal
+from concurrent.futures import BrokenExecutor
 from typing import Any
 
 
@@ -143,3 +144,35 @@ class VirtualenvError(SafeprocError):
         full = f"{message}\n--- installer output (tail) ---\n{output_tail}" if output_tail else message
         super().__init__(full)
         self.output_tail = output_tail
+
+
+class BrokenPoolError(SafeprocError, BrokenExecutor):
+    """The pool can run no more items: it was killed or terminated, its initializer failed, or
+    its helper process died. Items that had not finished fail with it; ``submit`` raises it.
+    ``item`` is set when the error stands for one item's outcome.
+    """
+
+    def __init__(self, message: str, *, item: int | None = None) -> None:
+        where = f" (item {item})" if item is not None else ""
+        super().__init__(f"{message}{where}")
+        self.item = item
+
+
+class ItemFailedError(SafeprocError):
+    """An item of a parallel map failed; the map stopped (``on_item_error="fail"``)."""
+
+    def __init__(self, item: int, error: BaseException) -> None:
+        super().__init__(f"item {item} failed: {type(error).__name__}: {error}")
+        self.item = item
+        self.error_type = type(error).__name__
+        self.error_message = str(error)
+
+
+class PartialFailureError(SafeprocError):
+    """Some items of a parallel map failed (``on_item_error="continue"``); one line per item."""
+
+    def __init__(self, failures: list[tuple[int, BaseException]], *, total: int) -> None:
+        lines = [f"  item {index}: {type(error).__name__}: {error}" for index, error in failures]
+        super().__init__(f"{len(failures)} of {total} items failed:\n" + "\n".join(lines))
+        self.items = [index for index, _ in failures]
+        self.total = total

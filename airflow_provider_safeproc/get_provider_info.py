@@ -21,5 +21,46 @@ def get_provider_info() -> dict[str, Any]:
             "from threaded parents, with no orphans and no hangs."
         ),
         "versions": [__version__],
-        "task-decorators": [],
+        "task-decorators": [
+            {"name": "parallel", "class-name": "airflow_provider_safeproc.decorators.parallel.parallel_task"},
+            {
+                "name": "process_pool",
+                "class-name": "airflow_provider_safeproc.decorators.process_pool.process_pool_task",
+            },
+        ],
+        # Read by operators/_config.py; documented in `airflow config list`.
+        "config": {
+            "safeproc": {
+                "description": "Defaults for the process pools of airflow-provider-safeproc's operators.",
+                "options": {
+                    "max_workers": {
+                        "description": (
+                            "Worker processes per task when an operator does not set max_workers. "
+                            "Empty: the CPUs the task process may use (affinity and cgroup quota)."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "4",
+                        "default": None,
+                    },
+                    "start_method": {
+                        "description": (
+                            "How pool workers start when an operator does not say: forkserver or spawn "
+                            "(safe in threaded task processes), or fork. Empty: a safe default."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "spawn",
+                        "default": None,
+                    },
+                    "venv_cache_dir": {
+                        "description": "Where ProcessPoolOperator keeps cached virtualenvs. Empty: a per-user cache.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/opt/airflow/safeproc-venvs",
+                        "default": None,
+                    },
+                },
+            }
+        },
     }

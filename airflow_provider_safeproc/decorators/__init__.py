@@ -1,0 +1,1 @@
+"""Task decorators ``@task.parallel`` and ``@task.process_pool``, registered in get_provider_info."""

@@ -1,0 +1,213 @@
+"""ParallelPythonOperator: map a callable over many items in a process pool inside one task.
+
+Where ``.expand`` creates one task instance per item (seconds of scheduling each), this runs
+the whole map in one task at process-pool speed, and works where the stdlib's pools do not: a
+daemonic Celery task process, or a task runner with threads. Results go to XCom in input order.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow_provider_safeproc import _compat
+from airflow_provider_safeproc._calls import call_with_item
+from airflow_provider_safeproc.errors import ConfigurationError, ItemFailedError, PartialFailureError
+from airflow_provider_safeproc.operators import _config
+from airflow_provider_safeproc.operators._context import context_kwargs, refuse_task_process_only_params
+from airflow_provider_safeproc.validation import (
+    check_callable,
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    check_positive_number,
+    check_start_method,
+)
+
+if TYPE_CHECKING:
+    from airflow_provider_safeproc.executor import SafeProcessPoolExecutor
+
+ON_ITEM_ERROR = ("fail", "continue")
+PROGRESS_EVERY_S = 10.0
+
+
+class ParallelPythonOperator(_compat.BaseOperator):
+    """Call ``python_callable(item, *op_args, **op_kwargs)`` for every item, in worker processes.
+
+    The return value (pushed to XCom) is the list of results in input order. Workers are fresh
+    interpreters that never import Airflow: the callable, its arguments and results travel with
+    cloudpickle, so lambdas, closures and functions defined in DAG files work. Variables,
+    Connections and XComs are not available inside the callable: resolve them in the task
+    (templates, upstream tasks) and pass the values.
+
+    :param python_callable: Called once per item as ``python_callable(item, *op_args, **op_kwargs)``.
+        Context values that serialize (``ds``, ``logical_date``, ``run_id``, ``params``,
+        ``dag_run``...) are passed when its signature names them, as with PythonOperator.
+    :param iterable: The items: a list, a template that renders to a list (set
+        ``render_template_as_native_obj=True`` on the DAG), an upstream task's output
+        (``XComArg``), or one shard per mapped task instance through
+        ``.partial(...).expand(iterable=shards)``. (templated)
+    :param op_args: Extra positional arguments for every call. (templated)
+    :param op_kwargs: Extra keyword arguments for every call. (templated)
+    :param max_workers: Worker processes. None: ``[safeproc] max_workers``, else the CPUs this
+        task may really use (affinity and cgroup quota). An int >= 1.
+    :param chunksize: Items sent to a worker at a time. None: chosen from the number of items
+        and workers. An int >= 1.
+    :param item_timeout: Seconds one item may run; past it the worker is killed and replaced and
+        the item fails with ``ItemTimeoutError``. None: no limit.
+    :param item_retries: Times an item that raised, timed out or lost its worker is run again
+        before it counts as failed. An int >= 0.
+    :param on_item_error: ``"fail"``: stop at the first failed item, cancel the rest and fail the
+        task. ``"continue"``: run every item, push the successful results to XCom under the key
+        ``partial_results`` (None where an item failed), then fail the task with one summary of
+        every failed item, so a downstream task with a suitable trigger rule can use them.
+    :param start_method: ``"forkserver"``, ``"spawn"`` or ``"fork"``. None:
+        ``[safeproc] start_method``, else a safe default (never fork from a threaded process).
+    :param max_tasks_per_child: Replace a worker after this many items (leaky libraries).
+    :param max_memory_per_child: Replace a worker whose resident memory grew past this many MiB.
+    """
+
+    template_fields: Sequence[str] = ("iterable", "op_args", "op_kwargs")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"op_args": "py", "op_kwargs": "py"}
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        iterable: Any,
+        op_args: Sequence[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        max_workers: int | None = None,
+        chunksize: int | None = None,
+        item_timeout: float | None = None,
+        item_retries: int = 0,
+        on_item_error: str = "fail",
+        start_method: str | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.python_callable = check_callable("python_callable", python_callable)
+        self.iterable = iterable
+        self.op_args = list(op_args or [])
+        self.op_kwargs = dict(op_kwargs or {})
+        self.max_workers = check_positive_int("max_workers", max_workers)
+        self.chunksize = check_positive_int("chunksize", chunksize)
+        self.item_timeout = check_positive_number("item_timeout", item_timeout, unit="seconds")
+        self.item_retries = check_non_negative_int("item_retries", item_retries)
+        self.on_item_error = check_choice("on_item_error", on_item_error, ON_ITEM_ERROR)
+        self.start_method = check_start_method(start_method)
+        self.max_tasks_per_child = check_positive_int("max_tasks_per_child", max_tasks_per_child)
+        self.max_memory_per_child = check_positive_number(
+            "max_memory_per_child", max_memory_per_child, unit="MiB"
+        )
+        refuse_task_process_only_params(
+            self.python_callable, skip_positional=1 + len(self.op_args), explicit=self.op_kwargs
+        )
+        self._pool: SafeProcessPoolExecutor | None = None
+
+    def execute(self, context: Any) -> list[Any]:
+        from airflow_provider_safeproc.executor import SafeProcessPoolExecutor
+
+        items = self._items()
+        kwargs = {
+            **self.op_kwargs,
+            **context_kwargs(
+                self.python_callable, context, skip_positional=1 + len(self.op_args), explicit=self.op_kwargs
+            ),
+        }
+        per_item = functools.partial(call_with_item, self.python_callable, tuple(self.op_args), kwargs)
+        pool = SafeProcessPoolExecutor(
+            self.max_workers or _config.default_max_workers(),
+            start_method=self.start_method or _config.default_start_method(),
+            item_timeout=self.item_timeout,
+            max_tasks_per_child=self.max_tasks_per_child,
+            max_memory_per_child=self.max_memory_per_child,
+            log=self.log.info,
+            progress=self._progress_logger(),
+        )
+        self._pool = pool
+        try:
+            with pool:
+                results, failures = self._run(pool, per_item, items)
+        finally:
+            self._pool = None
+            if pool.summary is not None:
+                self.log.info("run summary: %s", pool.summary)
+        if failures:
+            if self.on_item_error == "fail":
+                index, error = failures[0]
+                raise ItemFailedError(index, error) from error
+            self.xcom_push(context, key="partial_results", value=results)
+            raise PartialFailureError(failures, total=len(items))
+        return results
+
+    def _run(
+        self, pool: SafeProcessPoolExecutor, per_item: Callable[[Any], Any], items: list[Any]
+    ) -> tuple[list[Any], list[tuple[int, BaseException]]]:
+        results: list[Any] = [None] * len(items)
+        failures: list[tuple[int, BaseException]] = []
+        stop_on_error = self.on_item_error == "fail"
+        outcomes = pool.map_outcomes(
+            per_item, items, chunksize=self.chunksize, retries=self.item_retries, stop_on_error=stop_on_error
+        )
+        for outcome in outcomes:
+            if outcome.ok:
+                results[outcome.index] = outcome.value
+                continue
+            error = outcome.error
+            failures.append((outcome.index, error))
+            cause = getattr(error, "__cause__", None)
+            self.log.error(
+                "item %d failed after %d attempt(s): %s: %s%s",
+                outcome.index,
+                outcome.attempts,
+                type(error).__name__,
+                error,
+                f"\nworker traceback:\n{cause}" if cause is not None else "",
+            )
+            if stop_on_error:
+                break
+        return results, failures
+
+    def _items(self) -> list[Any]:
+        value = self.iterable
+        if isinstance(value, (str, bytes)):
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise ConfigurationError(
+                f"iterable rendered to a string ({shown!r}), not a list of items. A Jinja template "
+                "renders to text unless the DAG sets render_template_as_native_obj=True; or pass a "
+                "list or an upstream task's output (XComArg) instead of a template."
+            )
+        if not isinstance(value, Iterable):
+            raise ConfigurationError(
+                f"iterable must be an iterable of items (a list, tuple, XComArg...), got {value!r} "
+                f"({type(value).__name__})"
+            )
+        return list(value)
+
+    def _progress_logger(self) -> Callable[[int, int], None]:
+        """A progress sink that logs at most every 10 s, and always the last item."""
+        from airflow_provider_safeproc.progress import format_progress
+
+        started = time.monotonic()
+        last = [started]
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < PROGRESS_EVERY_S:
+                return
+            last[0] = now
+            self.log.info("%s", format_progress(done, total, now - started))
+
+        return report
+
+    def on_kill(self) -> None:
+        """Task failed, cleared or timed out: end every worker and descendant now (no locks)."""
+        pool = self._pool
+        if pool is not None:
+            pool.kill()

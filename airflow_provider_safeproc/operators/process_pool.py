@@ -1,0 +1,215 @@
+"""ProcessPoolOperator: run a callable in a freshly spawned interpreter, pools included.
+
+The task process may be daemonic (Celery prefork, Airflow 2's LocalExecutor) or have threads;
+a new interpreter is neither, so code that already uses ``multiprocessing``,
+``ProcessPoolExecutor`` or ``joblib`` runs there unchanged and at full parallelism. It is what
+PythonVirtualenvOperator would be if it shipped closures, streamed logs, honoured
+``execution_timeout`` and left nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow_provider_safeproc import _compat
+from airflow_provider_safeproc.errors import ConfigurationError, RemoteTraceback
+from airflow_provider_safeproc.operators import _config
+from airflow_provider_safeproc.operators._context import context_kwargs, refuse_task_process_only_params
+from airflow_provider_safeproc.validation import check_callable, check_positive_int, check_positive_number
+
+if TYPE_CHECKING:
+    from airflow_provider_safeproc.interpreter import InterpreterHandle
+
+#: A callable parameter with this name receives a ready ProcessPoolExecutor. Not ``pool`` or
+#: ``executor``: both are BaseOperator arguments.
+POOL_PARAMETER = "process_pool"
+
+
+def _takes_process_pool(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        return POOL_PARAMETER in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_process_pool(fn: Callable[..., Any], max_workers: int) -> Callable[..., Any]:
+    """Wrap ``fn`` so that, in the child, it gets a ProcessPoolExecutor shut down after it returns.
+
+    A closure on purpose: cloudpickle ships it by value, so the child (perhaps a virtualenv
+    without this package) needs nothing but the stdlib to run it.
+    """
+
+    def run_with_process_pool(*args: Any, **kwargs: Any) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers) as process_pool:
+            return fn(*args, process_pool=process_pool, **kwargs)
+
+    return run_with_process_pool
+
+
+class ProcessPoolOperator(_compat.BaseOperator):
+    """Run ``python_callable(*op_args, **op_kwargs)`` in a new interpreter; its return value goes to XCom.
+
+    The callable travels with cloudpickle (lambdas, closures and DAG-file functions work) and
+    its output reaches the task log line by line while it runs. When the task is killed, times
+    out or fails, the interpreter and every process it started are ended.
+
+    :param python_callable: The function to run. If it has a parameter named ``process_pool``,
+        it receives a ``concurrent.futures.ProcessPoolExecutor(max_workers)`` created in the new
+        interpreter and shut down after the callable returns. Context values that serialize
+        (``ds``, ``logical_date``, ``run_id``, ``params``, ``dag_run`` with ``.conf``...) are
+        passed when its signature names them; Airflow is not imported in the child.
+    :param op_args: Positional arguments for the callable. (templated)
+    :param op_kwargs: Keyword arguments for the callable. (templated)
+    :param max_workers: Size of the ``process_pool`` handed to the callable. None:
+        ``[safeproc] max_workers``, else the CPUs this task may really use.
+    :param requirements: Extra requirements: a list of specifiers, or the path of a
+        requirements file. The callable then runs in a cached virtualenv built with them (and
+        cloudpickle pinned to this process's version). (templated)
+    :param python: An existing interpreter to run in (same Python minor version); with
+        ``requirements``, the base interpreter the virtualenv is built from.
+    :param system_site_packages: Let the virtualenv see the base interpreter's packages.
+    :param venv_cache_dir: Where virtualenvs are cached. None: ``[safeproc] venv_cache_dir``,
+        else a per-user cache directory.
+    :param pip_args: Extra arguments for the installer (e.g. ``["--index-url", ...]``).
+    :param env_vars: Environment variables set for the child. (templated)
+    :param inherit_env: Start from this task process's environment (True) or from an empty
+        one holding only ``env_vars`` and ``PATH`` (False).
+    :param timeout: Seconds the child may run before it and its descendants are ended. The
+        task's ``execution_timeout`` applies as well.
+    """
+
+    template_fields: Sequence[str] = ("op_args", "op_kwargs", "requirements", "env_vars")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"op_args": "py", "op_kwargs": "py"}
+    ui_color = "#d5f5e3"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Sequence[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        max_workers: int | None = None,
+        requirements: Sequence[str] | str | None = None,
+        python: str | None = None,
+        system_site_packages: bool = False,
+        venv_cache_dir: str | None = None,
+        pip_args: Sequence[str] | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        inherit_env: bool = True,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.python_callable = check_callable("python_callable", python_callable)
+        self.op_args = list(op_args or [])
+        self.op_kwargs = dict(op_kwargs or {})
+        self.max_workers = check_positive_int("max_workers", max_workers)
+        self.timeout = check_positive_number("timeout", timeout, unit="seconds")
+        if requirements is not None and not isinstance(requirements, (str, list, tuple)):
+            raise ConfigurationError(
+                "requirements must be a list of requirement specifiers or the path of a requirements "
+                f"file, got {requirements!r} ({type(requirements).__name__})"
+            )
+        self.requirements = requirements
+        if python is not None and not (shutil.which(python) or os.access(python, os.X_OK)):
+            raise ConfigurationError(f"python={python!r} does not exist or is not executable")
+        self.python = python
+        self.system_site_packages = bool(system_site_packages)
+        self.venv_cache_dir = venv_cache_dir
+        self.pip_args = list(pip_args or [])
+        self.env_vars = dict(env_vars or {})
+        self.inherit_env = bool(inherit_env)
+        refuse_task_process_only_params(
+            self.python_callable,
+            skip_positional=len(self.op_args),
+            explicit=self.op_kwargs,
+            reserved=(POOL_PARAMETER,),
+        )
+        self._handle: InterpreterHandle | None = None
+
+    def execute(self, context: Any) -> Any:
+        from airflow_provider_safeproc.interpreter import start_in_interpreter
+
+        python = self._interpreter()
+        fn = self.python_callable
+        kwargs = {
+            **self.op_kwargs,
+            **context_kwargs(
+                fn,
+                context,
+                skip_positional=len(self.op_args),
+                explicit=self.op_kwargs,
+                reserved=(POOL_PARAMETER,),
+            ),
+        }
+        if _takes_process_pool(fn):
+            fn = _with_process_pool(fn, self._pool_size())
+        handle = start_in_interpreter(
+            fn,
+            *self.op_args,
+            python=python,
+            env=self._environment(),
+            timeout=self.timeout,
+            log=self.log.info,
+            **kwargs,
+        )
+        self._handle = handle
+        try:
+            return handle.result()
+        except Exception as exc:
+            cause = exc.__cause__
+            if isinstance(cause, RemoteTraceback):
+                self.log.error("the callable raised %s: %s\n%s", type(exc).__name__, exc, cause.tb)
+            raise
+        finally:
+            handle.kill()  # no-op when it already ended; ends everything on any exception
+            self._handle = None
+
+    def on_kill(self) -> None:
+        """Task failed, cleared or timed out: end the interpreter and all it started (no locks)."""
+        handle = self._handle
+        if handle is not None:
+            handle.kill()
+
+    def _pool_size(self) -> int:
+        from airflow_provider_safeproc.cpu import effective_cpu_count
+
+        return self.max_workers or _config.default_max_workers() or effective_cpu_count()
+
+    def _interpreter(self) -> str | None:
+        if not self.requirements:
+            return self.python
+        from airflow_provider_safeproc.virtualenv_cache import ensure_virtualenv
+
+        requirements: Sequence[str] | str = self.requirements
+        if isinstance(requirements, str):
+            path = Path(requirements)
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"requirements={requirements!r} is a string but not a requirements file"
+                )
+            requirements = path
+        # Logs "virtualenv cache hit: ..." or "built virtualenv ... in N s" through log.
+        python = ensure_virtualenv(
+            requirements,
+            python=self.python,
+            system_site_packages=self.system_site_packages,
+            cache_dir=self.venv_cache_dir or _config.default_venv_cache_dir(),
+            pip_args=self.pip_args,
+            log=self.log.info,
+        )
+        return str(python)
+
+    def _environment(self) -> dict[str, str] | None:
+        if self.inherit_env and not self.env_vars:
+            return None
+        base = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", os.defpath)}
+        return {**base, **{str(k): str(v) for k, v in self.env_vars.items()}}

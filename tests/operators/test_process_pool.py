@@ -1,0 +1,180 @@
+"""ProcessPoolOperator and @task.process_pool in real Airflow (dag.test on the SQLite DB)."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_provider_safeproc.errors import ConfigurationError
+from airflow_provider_safeproc.operators import ProcessPoolOperator
+from tests.harness.airflow_dags import DAG_IMPORTS
+
+pytestmark = pytest.mark.integration
+
+HEADER = (
+    DAG_IMPORTS
+    + """
+try:
+    from airflow.sdk import DAG
+except ImportError:
+    from airflow import DAG
+from airflow_provider_safeproc.operators import ProcessPoolOperator
+
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+"""
+)
+
+STDLIB_POOLS_DAG = (
+    HEADER
+    + """
+import os, time
+
+def pid_after_nap(_):
+    time.sleep(0.3)
+    return os.getpid()
+
+def with_executor():
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(2) as pool:
+        return [os.getpid(), sorted(set(pool.map(pid_after_nap, range(4))))]
+
+def with_mp_pool():
+    import multiprocessing
+    with multiprocessing.Pool(2) as pool:
+        return [os.getpid(), sorted(set(pool.map(pid_after_nap, range(4))))]
+
+def with_joblib():
+    from joblib import Parallel, delayed
+    return [os.getpid(), sorted(set(Parallel(n_jobs=2)(delayed(pid_after_nap)(i) for i in range(4))))]
+
+@dag(schedule=None, start_date=START, catchup=False)
+def ppo_stdlib():
+    ProcessPoolOperator(task_id="executor", python_callable=with_executor)
+    ProcessPoolOperator(task_id="mp_pool", python_callable=with_mp_pool)
+    ProcessPoolOperator(task_id="joblib", python_callable=with_joblib)
+
+    @task.process_pool(max_workers=2)
+    def handed_a_pool(n, process_pool=None):
+        return [os.getpid(), sorted(set(process_pool.map(pid_after_nap, range(n))))]
+
+    handed_a_pool(4)
+
+ppo_stdlib()
+"""
+)
+
+
+def _run_stdlib_pools_in_daemon():
+    import multiprocessing
+    import os
+    from pathlib import Path
+
+    from tests.harness.airflow_dags import DagRunner
+
+    assert multiprocessing.current_process().daemon
+    result = DagRunner(Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])).run(STDLIB_POOLS_DAG, "ppo_stdlib")
+    tasks = ("executor", "mp_pool", "joblib", "handed_a_pool")
+    return os.getpid(), result.tasks, {t: result.xcom(t) for t in tasks}
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_stdlib_pools_run_unchanged_from_a_daemonic_task(run_in_daemon, daemon_kind):
+    task_pid, tasks, values = run_in_daemon(_run_stdlib_pools_in_daemon, kind=daemon_kind)
+    assert set(tasks.values()) == {"success"}, tasks
+    for name, (child_pid, worker_pids) in values.items():
+        assert child_pid != task_pid, name  # a fresh interpreter, not the daemonic task process
+        assert len(worker_pids) == 2, f"{name} ran on {worker_pids}"
+        assert child_pid not in worker_pids
+
+
+CONTEXT_DAG = (
+    HEADER
+    + """
+def report(label, ds=None, run_id=None, params=None, dag_run=None, logical_date=None):
+    import sys
+    print(f"reporting {label}", flush=True)
+    return {
+        "label": label,
+        "ds": ds,
+        "run_id": run_id,
+        "params": params,
+        "conf": dag_run.conf,
+        "tz_aware": logical_date.tzinfo is not None,
+        "airflow_imported": "airflow" in sys.modules,
+    }
+
+with DAG("ppo_context", schedule=None, start_date=START, catchup=False, params={"depth": 3}):
+    ProcessPoolOperator(task_id="report", python_callable=report, op_args=["{{ params.depth }}-deep"],
+                        env_vars={"SAFEPROC_EXAMPLE": "1"})
+"""
+)
+
+
+def test_context_values_and_templates_reach_the_callable(airflow_dags, capfd):
+    result = airflow_dags.run(CONTEXT_DAG, "ppo_context", conf={"who": "me"})
+    result.assert_tasks({"report": "success"})
+    value = result.xcom("report")
+    assert value["label"] == "3-deep"
+    assert value["params"]["depth"] == 3
+    assert value["conf"] == {"who": "me"}
+    assert value["run_id"] == result.run_id
+    assert value["ds"]
+    assert value["tz_aware"] is True
+    assert value["airflow_imported"] is False
+    assert "reporting 3-deep" in capfd.readouterr().out
+
+
+ERRORS_DAG = (
+    HEADER
+    + """
+import os, time
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+def raises_value_error():
+    raise ValueError("the input was wrong")
+
+def raises_custom():
+    raise NeedsTwoArgs("x", "y")
+
+def exits_hard():
+    os._exit(3)
+
+def sleeps():
+    time.sleep(60)
+
+with DAG("ppo_errors", schedule=None, start_date=START, catchup=False):
+    ProcessPoolOperator(task_id="value_error", python_callable=raises_value_error)
+    ProcessPoolOperator(task_id="custom", python_callable=raises_custom)
+    ProcessPoolOperator(task_id="exit", python_callable=exits_hard)
+    ProcessPoolOperator(task_id="timeout", python_callable=sleeps, timeout=1)
+"""
+)
+
+
+def test_error_paths_fail_the_task_with_type_message_and_traceback(airflow_dags, capfd):
+    result = airflow_dags.run(ERRORS_DAG, "ppo_errors")
+    result.assert_tasks({"value_error": "failed", "custom": "failed", "exit": "failed", "timeout": "failed"})
+    out = capfd.readouterr().out
+    assert "ValueError: the input was wrong" in out
+    assert "in raises_value_error" in out  # the child's traceback, not just str(e)
+    assert "NeedsTwoArgs" in out
+    assert "exit code 3" in out
+    assert "exceeded timeout=1 s" in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_workers": -1}, "max_workers must be an int >= 1"),
+        ({"max_workers": 0}, "max_workers must be an int >= 1"),
+        ({"timeout": -3}, "timeout must be a number > 0"),
+        ({"python_callable": 42}, "python_callable must be callable"),
+        ({"python": "/nonexistent/bin/python3"}, "does not exist or is not executable"),
+        ({"requirements": 7}, "requirements must be a list"),
+    ],
+)
+def test_nonsense_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        ProcessPoolOperator(**{"task_id": "t", "python_callable": len, **kwargs})
