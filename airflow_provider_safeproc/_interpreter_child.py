@@ -127,7 +127,7 @@ def _worker(guardian_pid, lifeline_fd, result_fd, header, sigterm_handler):
 
     try:
         fn, args, kwargs = _pickle_loads(header["payload"])  # imports cloudpickle if needed
-        _adopt_shipped_modules([fn, *args, *kwargs.values()])
+        adopt_shipped_modules([fn, *args, *kwargs.values()])
         result = fn(*args, **kwargs)
     except BaseException as exc:
         frame = ("error", _capture(exc))
@@ -192,7 +192,7 @@ class _ShippedModules:
         return None
 
 
-def _adopt_shipped_modules(objs):
+def adopt_shipped_modules(objs):
     """Give functions shipped by value a module of their name in ``sys.modules``.
 
     Functions from Airflow DAG files arrive by value, still naming a module
