@@ -90,3 +90,14 @@ def read_xcom(
         return XCom.get_one(
             run_id=run_id, key=key, task_id=task_id, dag_id=dag_id, map_index=map_index, session=session
         )
+
+
+def latest_dag_run(dag_id: str) -> Any:
+    """The newest run of ``dag_id`` (for tests after Airflow 2's dag.test() raised)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        session.expunge(run)
+        return run

@@ -18,9 +18,12 @@ import ctypes.util
 import os
 import signal
 import time
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import psutil
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -29,7 +32,7 @@ _libc: ctypes.CDLL | None = None
 
 def _prctl(option: int, arg: int) -> bool:
     global _libc
-    if not hasattr(os, "fork") or not os.uname().sysname == "Linux":
+    if not hasattr(os, "fork") or os.uname().sysname != "Linux":
         return False
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -46,8 +49,52 @@ def set_child_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def _children_by_parent() -> dict[int, list[int]]:
+    """ppid -> child pids of every process visible in /proc (no psutil: signal-handler safe)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 2 or fields[0] == b"Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendant_pids(pid: int | None = None) -> list[int]:
+    """Pids of the live (non-zombie) descendants of ``pid``, parents before their children.
+
+    Reads /proc directly: no psutil, no lock, so a signal handler or the pool's lean helper
+    process may call it.
+    """
+    children = _children_by_parent()
+    found: list[int] = []
+    queue = [os.getpid() if pid is None else pid]
+    seen = set(queue)
+    while queue:
+        for child in children.get(queue.pop(0), ()):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                queue.append(child)
+    return found
+
+
 def descendants(pid: int | None = None) -> list[psutil.Process]:
     """Every live descendant of ``pid`` (default: this process), zombies excluded."""
+    import psutil
+
     try:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -61,6 +108,8 @@ def descendants(pid: int | None = None) -> list[psutil.Process]:
 
 
 def _tree(roots: Iterable[int], include_roots: bool) -> dict[int, psutil.Process]:
+    import psutil
+
     found: dict[int, psutil.Process] = {}
     for pid in roots:
         try:
@@ -76,6 +125,8 @@ def _tree(roots: Iterable[int], include_roots: bool) -> dict[int, psutil.Process
 
 
 def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
+    import psutil
+
     for proc in procs:
         with contextlib.suppress(psutil.Error, OSError):
             proc.send_signal(sig)
@@ -93,6 +144,8 @@ def reap_process_tree(
     after each round, so processes forked while we were signalling are caught too. Returns the
     pids that were signalled. Never raises for processes that are already gone.
     """
+    import psutil
+
     root_pids = [roots] if isinstance(roots, int) else list(roots)
     signalled: set[int] = set()
     deadline = time.monotonic() + max(grace, 0.0)
@@ -122,16 +175,33 @@ def reap_process_tree(
 def kill_process_tree_now(roots: Iterable[int], *, include_roots: bool = True) -> None:
     """SIGKILL ``roots`` and their descendants at once, waiting for nothing.
 
-    Safe to call from a signal handler or another thread: it takes no lock and never blocks
-    on a child. Zombies are left for their parents (or :func:`reap_process_tree`) to collect.
+    Safe to call from a signal handler or another thread: it reads /proc itself (no psutil,
+    no import, no lock) and never blocks on a child. Children are killed before their parents,
+    so none escapes by reparenting mid-walk. Zombies are left for their parents (or
+    :func:`reap_process_tree`) to collect.
     """
-    procs = _tree(list(roots), include_roots)
-    for pid in reversed(list(procs)):
+    children = _children_by_parent()
+    order: list[int] = []
+    seen: set[int] = set()
+    for root in roots:
+        if include_roots and root not in seen:
+            order.append(root)
+        seen.add(root)
+        queue = [root]
+        while queue:
+            for child in children.get(queue.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    order.append(child)
+                    queue.append(child)
+    for pid in reversed(order):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
 
 def _alive(proc: psutil.Process) -> bool:
+    import psutil
+
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -144,6 +214,8 @@ def processes_tagged(key: str, value: str) -> list[psutil.Process]:
     Finds descendants that escaped the tree (reparented to init after their parent died).
     Only the environment a process was exec'd with is visible in ``/proc``.
     """
+    import psutil
+
     uid = os.getuid()
     found = []
     for proc in psutil.process_iter(["uids"]):

@@ -62,7 +62,10 @@ def main() -> None:
     logging.getLogger("airflow.providers.standard.utils.python_virtualenv").setLevel(logging.WARNING)
     uv = shutil.which("uv")
     ours(-1), pvo(-1)  # warm-up: uv's package cache, interpreter discovery, imports
-    cold: dict[str, list[float]] = {"ensure_virtualenv": [], "PythonVirtualenvOperator prepare_virtualenv": []}
+    cold: dict[str, list[float]] = {
+        "ensure_virtualenv": [],
+        "PythonVirtualenvOperator prepare_virtualenv": [],
+    }
     for round_no in range(rounds):
         cold["ensure_virtualenv"].append(ours(round_no))
         cold["PythonVirtualenvOperator prepare_virtualenv"].append(pvo(round_no))
@@ -80,7 +83,9 @@ def main() -> None:
     print(f"{'':48} {'s':>7} {'x PVO':>7}")
     for name, values in cold.items():
         print(f"{name:48} {statistics.median(values):7.2f} {statistics.median(values) / peer:7.2f}")
-    print(f"\ncache hit, median of {len(hits)}: {statistics.median(hits) * 1000:.2f} ms (goal: well under 100 ms)")
+    print(
+        f"\ncache hit, median of {len(hits)}: {statistics.median(hits) * 1000:.2f} ms (goal: well under 100 ms)"
+    )
     shutil.rmtree(WORK, ignore_errors=True)
 
 

@@ -136,15 +136,37 @@ class ParallelPythonOperator(_compat.BaseOperator):
                 results, failures = self._run(pool, per_item, items)
         finally:
             self._pool = None
-            if pool.summary is not None:
-                self.log.info("run summary: %s", pool.summary)
+            self._report_summary(pool, context)
         if failures:
             if self.on_item_error == "fail":
                 index, error = failures[0]
                 raise ItemFailedError(index, error) from error
-            self.xcom_push(context, key="partial_results", value=results)
+            context["ti"].xcom_push(key="partial_results", value=results)
             raise PartialFailureError(failures, total=len(items))
         return results
+
+    def _report_summary(self, pool: SafeProcessPoolExecutor, context: Any) -> None:
+        """Log the run summary; with do_xcom_push also push it as XCom ``run_summary``."""
+        summary = pool.summary
+        if summary is None:
+            return
+        self.log.info("run summary: %s", summary)
+        if not self.do_xcom_push:
+            return
+        try:
+            context["ti"].xcom_push(
+                key="run_summary",
+                value={
+                    "items": summary.items,
+                    "failures": summary.failures,
+                    "retries": summary.retries,
+                    "workers": len(summary.worker_pids),
+                    "wall_time": round(summary.wall_time, 3),
+                    "items_per_second": round(summary.items_per_second, 1),
+                },
+            )
+        except Exception:  # never hide the task's own outcome (e.g. while it is being killed)
+            self.log.warning("could not push the run summary to XCom", exc_info=True)
 
     def _run(
         self, pool: SafeProcessPoolExecutor, per_item: Callable[[Any], Any], items: list[Any]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from airflow_provider_safeproc import _compat
 
 # Prepend to DAG sources written by tests: the authoring API moved to airflow.sdk in Airflow 3.
@@ -50,6 +52,12 @@ class DagResult:
         assert actual == expected, f"task states {self.tasks} (run {self.state})"
 
 
+# Airflow 2's dag.test() does not echo task logs to stdout, where tests read them with capfd.
+needs_task_log_on_stdout = pytest.mark.skipif(
+    not _compat.AIRFLOW_V_3, reason="Airflow 2's dag.test() does not write task logs to stdout"
+)
+
+
 class DagRunner:
     def __init__(self, dags_folder: Path) -> None:
         self.dags_folder = dags_folder
@@ -76,7 +84,14 @@ class DagRunner:
 
     @staticmethod
     def run_dag(dag: Any, *, conf: dict[str, Any] | None = None) -> DagResult:
-        dag_run = dag.test(run_conf=conf)
+        try:
+            dag_run = dag.test(run_conf=conf)
+        except BaseException:
+            # Airflow 2's dag.test() re-raises a task's termination or timeout; the run's
+            # states are in the DB all the same.
+            if _compat.AIRFLOW_V_3:
+                raise
+            dag_run = _compat.latest_dag_run(dag.dag_id)
         return DagResult(
             dag_id=dag.dag_id,
             run_id=dag_run.run_id,

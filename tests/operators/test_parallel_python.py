@@ -6,7 +6,7 @@ import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.operators import ParallelPythonOperator
-from tests.harness.airflow_dags import DAG_IMPORTS
+from tests.harness.airflow_dags import DAG_IMPORTS, needs_task_log_on_stdout
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +91,7 @@ with DAG("pp_string", schedule=None, start_date=START, catchup=False):
 )
 
 
+@needs_task_log_on_stdout
 def test_string_template_and_non_iterable_fail_with_clear_message(airflow_dags, capfd):
     result = airflow_dags.run(STRING_TEMPLATE_DAG, "pp_string")
     result.assert_tasks({"text": "failed", "number": "failed"})
@@ -165,6 +166,7 @@ pp_errors()
 )
 
 
+@needs_task_log_on_stdout
 def test_item_errors_fail_and_continue(airflow_dags, capfd):
     result = airflow_dags.run(ERROR_DAG, "pp_errors")
     result.assert_tasks({"fail_fast": "failed", "keep_going": "failed", "use_partial": "success"})
@@ -193,6 +195,7 @@ with DAG("pp_logs", schedule=None, start_date=START, catchup=False):
 )
 
 
+@needs_task_log_on_stdout
 def test_task_log_has_tagged_lines_progress_and_summary(airflow_dags, capfd):
     result = airflow_dags.run(LOG_DAG, "pp_logs")
     result.assert_tasks({"chatty": "success", "quiet": "success"})

@@ -6,7 +6,7 @@ import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.operators import ProcessPoolOperator
-from tests.harness.airflow_dags import DAG_IMPORTS
+from tests.harness.airflow_dags import DAG_IMPORTS, needs_task_log_on_stdout
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,7 @@ with DAG("ppo_context", schedule=None, start_date=START, catchup=False, params={
 )
 
 
+@needs_task_log_on_stdout
 def test_context_values_and_templates_reach_the_callable(airflow_dags, capfd):
     result = airflow_dags.run(CONTEXT_DAG, "ppo_context", conf={"who": "me"})
     result.assert_tasks({"report": "success"})
@@ -153,6 +154,7 @@ with DAG("ppo_errors", schedule=None, start_date=START, catchup=False):
 )
 
 
+@needs_task_log_on_stdout
 def test_error_paths_fail_the_task_with_type_message_and_traceback(airflow_dags, capfd):
     result = airflow_dags.run(ERRORS_DAG, "ppo_errors")
     result.assert_tasks({"value_error": "failed", "custom": "failed", "exit": "failed", "timeout": "failed"})

@@ -1,0 +1,154 @@
+"""Starting the pool's guardian process and talking to it, from the pool's side.
+
+``forkserver`` and ``spawn``: the guardian is a fresh interpreter started with ``subprocess``
+(fork+exec, safe from a threaded parent) with ``close_fds``, so it holds none of the task
+process's descriptors (Airflow's supervisor sockets). It imports only this package's core
+and cloudpickle, never the caller's ``__main__``. ``fork``: the guardian is a fork of the
+caller, made once when the pool is created, so that workers see the caller's modules.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+from airflow_provider_safeproc import _guardian
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class GuardianHandle:
+    """The guardian process of one pool: start it, ask it for workers, stop it."""
+
+    def __init__(self, start_method: str, config: dict[str, Any]) -> None:
+        self.start_method = start_method
+        self.config_bytes = pickle.dumps(config, protocol=5)
+        self.pid: int | None = None
+        self.sock: socket.socket | None = None
+        self.err_fd: int | None = None
+        self._popen: subprocess.Popen | None = None
+        self._exitcode: int | None = None
+
+    def start(self) -> None:
+        """Start the guardian; returns once it runs (its "ready" comes on :attr:`sock`)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config_fd = os.memfd_create("safeproc-config", os.MFD_CLOEXEC)
+        err_r, err_w = os.pipe()
+        try:
+            os.write(config_fd, self.config_bytes)
+            if self.start_method == "fork":
+                self.pid = self._fork(child.fileno(), config_fd, err_w)
+            else:
+                worker_start = "spawn" if self.start_method == "spawn" else "fork"
+                code = (
+                    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+                    "from airflow_provider_safeproc._guardian import main; "
+                    f"main({child.fileno()}, {config_fd}, {os.getpid()}, {worker_start!r})"
+                )
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    pass_fds=(child.fileno(), config_fd),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err_w,
+                    close_fds=True,
+                )
+                self.pid = self._popen.pid
+        except BaseException:
+            parent.close()
+            os.close(err_r)
+            raise
+        finally:
+            child.close()
+            os.close(config_fd)
+            os.close(err_w)
+        self.sock = parent
+        self.err_fd = err_r
+        os.set_blocking(err_r, False)
+
+    def _fork(self, ctrl_fd: int, config_fd: int, err_fd: int) -> int:
+        parent_pid = os.getpid()
+        with warnings.catch_warnings():
+            # Python 3.12 warns about fork() with threads; the pool already warned the caller,
+            # naming the threads, when it was created with start_method="fork".
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            try:
+                _guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid)
+            finally:
+                os._exit(70)
+        return pid
+
+    def request_worker(self, key: int, fds: list[int]) -> None:
+        assert self.sock is not None
+        socket.send_fds(self.sock, [pickle.dumps(("spawn", key))], fds)
+
+    def quit(self, grace: float, *, idle: bool) -> None:
+        """Ask the guardian to end every worker and descendant (TERM, KILL after ``grace``).
+
+        ``idle``: the workers' sockets were closed while they waited for work, so they exit by
+        themselves within milliseconds; the guardian waits for that before sending TERM.
+        """
+        if self.sock is not None:
+            try:
+                self.sock.send(pickle.dumps(("quit", grace, idle)))
+            except OSError:
+                pass
+
+    def receive(self) -> tuple[Any, ...] | None:
+        """One control message; None once the guardian closed its end (it exited)."""
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return ()
+        except OSError:
+            return None
+        return pickle.loads(data) if data else None
+
+    def kill_now(self) -> None:
+        """Signal-handler safe: the guardian SIGKILLs its whole tree and exits."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGUSR1)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float) -> int | None:
+        """Reap the guardian; its exit code, or None if it still runs after ``timeout``."""
+        if self.pid is None or self._exitcode is not None:
+            return self._exitcode
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self._exitcode = -1
+                break
+            if pid:
+                self._exitcode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        if self._popen is not None:
+            self._popen.returncode = self._exitcode  # reaped here; keep Popen from warning
+        return self._exitcode
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.err_fd is not None:
+            os.close(self.err_fd)
+            self.err_fd = None

@@ -1,0 +1,142 @@
+"""Each outcome once, in order, and never a spurious one (the AIRFLOW-585 race), under fire.
+
+Hypothesis draws item durations, items that raise, items that kill their own worker, worker
+SIGKILLs from outside at random moments, a chunk size above 1 and retries; the pool runs in
+a daemonic parent of either kind. Every run of an item leaves a start and an end marker
+named after the worker's pid. Then:
+
+- outcomes come in input order, each index exactly once;
+- a value is reported only for an item that ended, a ``WorkerLostError`` only for an item
+  with a run that started in that very worker and never ended, after that worker is dead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import cloudpickle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.harness.daemon import run_in_daemon
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _scenario(plan, chunksize, kill_delays_ms, retries, marks):
+    import random
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from airflow_provider_safeproc import SafeProcessPoolExecutor
+    from airflow_provider_safeproc.errors import WorkerLostError
+
+    def mark(kind, index, run):
+        Path(marks, f"{kind}-{index}-{os.getpid()}-{run}").touch()
+
+    def item(index):
+        duration_ms, behaviour = plan[index]
+        run = uuid.uuid4().hex[:8]  # one run of the item: its start and end markers share it
+        mark("start", index, run)
+        time.sleep(duration_ms / 1000)
+        if behaviour == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        mark("end", index, run)
+        if behaviour == "raise":
+            raise ValueError(index)
+        return index * 2
+
+    def dead(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    with SafeProcessPoolExecutor(2) as pool:
+
+        def killer():
+            rng = random.Random(len(plan))
+            for delay in kill_delays_ms:
+                time.sleep(delay / 1000)
+                pids = pool._core.worker_pids
+                if pids:
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                    except OSError:
+                        pass
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        seen = []
+        for outcome in pool.map_outcomes(item, range(len(plan)), chunksize=chunksize, retries=retries):
+            error = outcome.error
+            lost = isinstance(error, WorkerLostError)
+            seen.append(
+                {
+                    "index": outcome.index,
+                    "ok": outcome.ok,
+                    "value": outcome.value,
+                    "error": None if error is None else type(error).__name__,
+                    "pid": error.pid if lost else None,
+                    "dead_when_reported": dead(error.pid) if lost else None,
+                    "attempts": outcome.attempts,
+                }
+            )
+        thread.join()
+    return seen
+
+
+plans = st.lists(
+    st.tuples(st.sampled_from([0, 0, 1, 5, 15]), st.sampled_from(["ok"] * 6 + ["raise", "die"])),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=plans,
+    chunksize=st.integers(2, 6),
+    kill_delays_ms=st.lists(st.integers(1, 120), max_size=3),
+    retries=st.integers(0, 1),
+    daemon_kind=st.sampled_from(["multiprocessing", "billiard"]),
+)
+def test_each_outcome_once_in_order_and_never_spurious(
+    plan, chunksize, kill_delays_ms, retries, daemon_kind, tmp_path_factory
+):
+    marks = tmp_path_factory.mktemp("marks")
+    seen = run_in_daemon(
+        _scenario, plan, chunksize, kill_delays_ms, retries, str(marks), kind=daemon_kind, timeout=120
+    )
+    assert [o["index"] for o in seen] == list(range(len(plan)))
+    names = [p.name.split("-") for p in marks.iterdir()]
+    starts = {(int(i), int(pid), run) for kind, i, pid, run in names if kind == "start"}
+    ends = {(int(i), int(pid), run) for kind, i, pid, run in names if kind == "end"}
+    ended_items = {i for i, _, _ in ends}
+    for outcome, (_duration, behaviour) in zip(seen, plan, strict=True):
+        index = outcome["index"]
+        assert 1 <= outcome["attempts"] <= retries + 1
+        if outcome["ok"]:
+            assert behaviour == "ok"
+            assert outcome["value"] == index * 2
+            assert index in ended_items
+        elif outcome["error"] == "ValueError":
+            assert behaviour == "raise"
+            assert index in ended_items
+        else:
+            assert outcome["error"] == "WorkerLostError", outcome
+            assert behaviour == "die" or kill_delays_ms, outcome
+            pid = outcome["pid"]
+            assert outcome["dead_when_reported"], outcome
+            unfinished = {(i, p, run) for i, p, run in starts if (i, p) == (index, pid)} - ends
+            assert unfinished, (
+                f"item {index} reported lost in worker {pid}, where no run of it was unfinished"
+            )
+        if behaviour == "die":
+            assert not outcome["ok"]
