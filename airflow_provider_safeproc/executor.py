@@ -49,36 +49,17 @@ from airflow_provider_safeproc._wire import MAX_CHUNK
 from airflow_provider_safeproc.cpu import effective_cpu_count
 from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
 from airflow_provider_safeproc.serialization import dumps, register_unimportable_modules
+from airflow_provider_safeproc.validation import START_METHODS, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["ItemOutcome", "MapSummary", "SafeProcessPoolExecutor"]
 
-START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_START_METHOD = "forkserver"
 # Automatic chunks: this many per worker for the whole map (the stdlib's Pool uses 4).
 _CHUNKS_PER_WORKER = 8
 _live_cores: weakref.WeakSet[PoolCore] = weakref.WeakSet()
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        accepted = "an int >= 1" + (" or None" if allow_none else "")
-        raise ConfigurationError(f"{name} must be {accepted}, not {value!r}")
-    return value
-
-
-def _positive_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ConfigurationError(
-            f"{name} must be a finite number > 0 (seconds or MiB) or None, not {value!r}"
-        )
-    return float(value)
 
 
 def _default_log(line: str) -> None:
@@ -124,7 +105,7 @@ class SafeProcessPoolExecutor(Executor):
         log: Callable[[str], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        workers = _positive_int("max_workers", max_workers)
+        workers = check_positive_int("max_workers", max_workers)
         self._max_workers = workers if workers is not None else effective_cpu_count()
         if start_method is None:
             start_method = DEFAULT_START_METHOD
@@ -132,9 +113,9 @@ class SafeProcessPoolExecutor(Executor):
             raise ConfigurationError(
                 f"start_method must be one of {', '.join(START_METHODS)} or None, not {start_method!r}"
             )
-        self._item_timeout = _positive_number("item_timeout", item_timeout)
-        max_tasks = _positive_int("max_tasks_per_child", max_tasks_per_child)
-        max_memory = _positive_number("max_memory_per_child", max_memory_per_child)
+        self._item_timeout = check_positive_number("item_timeout", item_timeout)
+        max_tasks = check_positive_int("max_tasks_per_child", max_tasks_per_child)
+        max_memory = check_positive_number("max_memory_per_child", max_memory_per_child)
         if initializer is not None and not callable(initializer):
             raise ConfigurationError(f"initializer must be callable or None, not {initializer!r}")
         if not isinstance(initargs, tuple):
@@ -214,7 +195,7 @@ class SafeProcessPoolExecutor(Executor):
         cancels the items not yet started. ``timeout`` counts from this call.
         """
         if timeout is not None:
-            _positive_number("timeout", timeout)
+            check_positive_number("timeout", timeout)
         if len(iterables) == 1:  # no 1-tuples to build, pickle and unpack: fn(item)
             job = self._make_job(fn, list(iterables[0]), star=False, chunksize=chunksize)
         else:
@@ -262,7 +243,7 @@ class SafeProcessPoolExecutor(Executor):
         retries: int = 0,
         stop_on_error: bool = False,
     ) -> Job:
-        size = _positive_int("chunksize", chunksize)
+        size = check_positive_int("chunksize", chunksize)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         n = len(items)
