@@ -21,6 +21,7 @@ _LAZY = {
     "ensure_virtualenv": "airflow_provider_safeproc.virtualenv_cache",
     "reap_process_tree": "airflow_provider_safeproc.reaper",
     "effective_cpu_count": "airflow_provider_safeproc.cpu",
+    "refuse_task_context": "airflow_provider_safeproc.task_context_guard",
 }
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ensure_virtualenv",
     "format_progress",
     "reap_process_tree",
+    "refuse_task_context",
     "run_in_interpreter",
     "start_in_interpreter",
 ]
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     )
     from airflow_provider_safeproc.progress import format_progress
     from airflow_provider_safeproc.reaper import reap_process_tree
+    from airflow_provider_safeproc.task_context_guard import refuse_task_context
     from airflow_provider_safeproc.virtualenv_cache import ensure_virtualenv
 
 

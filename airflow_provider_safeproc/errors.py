@@ -176,3 +176,22 @@ class PartialFailureError(SafeprocError):
         super().__init__(f"{len(failures)} of {total} items failed:\n" + "\n".join(lines))
         self.items = [index for index, _ in failures]
         self.total = total
+
+
+class TaskContextUnavailableError(SafeprocError, RuntimeError):
+    """A worker process asked for Airflow's task context (a Variable, a Connection, an XCom).
+
+    Workers are not task processes: they hold no connection to the task's supervisor (Airflow
+    3) and must not reach the metadata database (Airflow 2), so such a call would fail with a
+    misleading "not found", or quietly bypass the task's secrets handling. The task process
+    resolves the value and passes it in.
+    """
+
+    def __init__(self, call: str) -> None:
+        super().__init__(
+            f"{call} is not available in a safeproc worker process: workers are not Airflow task "
+            "processes and have no access to Variables, Connections or XComs. Resolve the value in "
+            "the task and pass it to the callable, e.g. op_kwargs={'token': '{{ var.value.token }}'}, "
+            "'{{ conn.my_conn.password }}', or an upstream task's output."
+        )
+        self.call = call

@@ -64,6 +64,21 @@ def airflow_dags(airflow_db: Path, airflow_home: Path) -> DagRunner:
 
 
 @pytest.fixture
+def task_logs(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture):
+    """Reads what the tasks of ``dag.test()`` logged so far.
+
+    Airflow 3 writes task logs to stdout; Airflow 2 sends them through ``logging`` (stderr,
+    and pytest's log capture). Tests read all three, so log assertions hold on both.
+    """
+
+    def read() -> str:
+        captured = capfd.readouterr()
+        return captured.out + captured.err + caplog.text
+
+    return read
+
+
+@pytest.fixture
 def run_in_daemon():
     """``run_in_daemon(fn, *args, kind="multiprocessing"|"billiard", timeout=120, **kwargs)``."""
     return _run_in_daemon

@@ -157,13 +157,12 @@ CHECKS = {
 @pytest.mark.integration
 @pytest.mark.usefixtures("venv_cache")
 @pytest.mark.parametrize("path", GALLERY_FILES, ids=lambda p: p.stem)
-def test_every_task_of_the_dag_succeeds(airflow_dags, capfd, caplog, path: Path):
+def test_every_task_of_the_dag_succeeds(airflow_dags, task_logs, path: Path):
     result = _run(airflow_dags, path.stem)
     _all_succeeded(result)
     check = CHECKS.get(path.stem)
     if check is not None:  # a new gallery file only has to succeed; add its checks here
-        captured = capfd.readouterr()  # task logs: stdout on Airflow 3, the logging module on 2
-        check(result, captured.out + captured.err + caplog.text)
+        check(result, task_logs())
 
 
 @pytest.mark.integration

@@ -38,9 +38,9 @@ class ParallelPythonOperator(_compat.BaseOperator):
 
     The return value (pushed to XCom) is the list of results in input order. Workers are fresh
     interpreters that never import Airflow: the callable, its arguments and results travel with
-    cloudpickle, so lambdas, closures and functions defined in DAG files work. Variables,
-    Connections and XComs are not available inside the callable: resolve them in the task
-    (templates, upstream tasks) and pass the values.
+    cloudpickle, so lambdas, closures and functions defined in DAG files work. Workers are not
+    task processes: ``Variable.get``, connections and XComs raise ``TaskContextUnavailableError``
+    inside the callable. Resolve them in the task (templates, upstream tasks) and pass the values.
 
     :param python_callable: Called once per item as ``python_callable(item, *op_args, **op_kwargs)``.
         Context values that serialize (``ds``, ``logical_date``, ``run_id``, ``params``,
@@ -112,6 +112,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
 
     def execute(self, context: Any) -> list[Any]:
         from airflow_provider_safeproc.executor import SafeProcessPoolExecutor
+        from airflow_provider_safeproc.task_context_guard import refuse_task_context
 
         items = self._items()
         kwargs = {
@@ -127,6 +128,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
             item_timeout=self.item_timeout,
             max_tasks_per_child=self.max_tasks_per_child,
             max_memory_per_child=self.max_memory_per_child,
+            initializer=refuse_task_context,
             log=self.log.info,
             progress=self._progress_logger(),
         )

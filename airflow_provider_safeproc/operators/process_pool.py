@@ -54,6 +54,25 @@ def _with_process_pool(fn: Callable[..., Any], max_workers: int) -> Callable[...
     return run_with_process_pool
 
 
+def _without_task_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that Variables, Connections and XComs raise a clear error in the child.
+
+    The child is not a task process (see :mod:`~airflow_provider_safeproc.task_context_guard`);
+    fork-based pools it starts inherit the guard. A closure, like :func:`_with_process_pool`.
+    """
+
+    def run_without_task_context(*args: Any, **kwargs: Any) -> Any:
+        try:
+            from airflow_provider_safeproc.task_context_guard import refuse_task_context
+        except ImportError:  # a virtualenv without this package (and, usually, without Airflow)
+            pass
+        else:
+            refuse_task_context()
+        return fn(*args, **kwargs)
+
+    return run_without_task_context
+
+
 class ProcessPoolOperator(_compat.BaseOperator):
     """Run ``python_callable(*op_args, **op_kwargs)`` in a new interpreter; its return value goes to XCom.
 
@@ -65,7 +84,9 @@ class ProcessPoolOperator(_compat.BaseOperator):
         it receives a ``concurrent.futures.ProcessPoolExecutor(max_workers)`` created in the new
         interpreter and shut down after the callable returns. Context values that serialize
         (``ds``, ``logical_date``, ``run_id``, ``params``, ``dag_run`` with ``.conf``...) are
-        passed when its signature names them; Airflow is not imported in the child.
+        passed when its signature names them; Airflow is not imported in the child, and
+        ``Variable.get``, connections and XComs raise ``TaskContextUnavailableError`` there:
+        resolve them in the task and pass the values.
     :param op_args: Positional arguments for the callable. (templated)
     :param op_kwargs: Keyword arguments for the callable. (templated)
     :param max_workers: Size of the ``process_pool`` handed to the callable. None:
@@ -152,6 +173,7 @@ class ProcessPoolOperator(_compat.BaseOperator):
         }
         if _takes_process_pool(fn):
             fn = _with_process_pool(fn, self._pool_size())
+        fn = _without_task_context(fn)
         handle = start_in_interpreter(
             fn,
             *self.op_args,

@@ -27,7 +27,10 @@ E2E_DAGS_DIR = Path(__file__).resolve().parent / "dags"
 DAEMON_FLAG_DAG = "e2e_control_daemon_flag"
 STDLIB_POOL_DAG = "e2e_control_stdlib_pool"
 BUSY_POOL_DAG = "e2e_control_busy_pool"
-BATCH_CONTROL_DAGS = (DAEMON_FLAG_DAG, STDLIB_POOL_DAG)
+WORKER_CONTEXT_DAG = "e2e_control_worker_context"
+BATCH_CONTROL_DAGS = (DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG)
+# Created in the metadata DB before the batch runs; WORKER_CONTEXT_DAG reads it.
+BATCH_VARIABLES = {"safeproc_e2e_token": "e2e-token-value"}
 
 RUN_TIMEOUT_S = float(os.environ.get("SAFEPROC_E2E_RUN_TIMEOUT", "420"))
 
@@ -74,6 +77,8 @@ def run_batch(deployment: Deployment) -> BatchRuns:
 
     wanted = [dag_id for path in gallery_files() for dag_id in dags_by_file.get(path.name, [])]
     wanted += [dag_id for dag_id in BATCH_CONTROL_DAGS if dag_id not in wanted]
+    for key, value in BATCH_VARIABLES.items():
+        api.request("POST", "/variables", json={"key": key, "value": value})
     began = time.monotonic()
     runs = {dag_id: api.trigger(dag_id) for dag_id in wanted}
     results = api.wait_for_runs(runs, timeout=RUN_TIMEOUT_S, started=began)

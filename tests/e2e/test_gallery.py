@@ -11,8 +11,10 @@ import pytest
 
 from tests.e2e import report
 from tests.e2e.gallery import (
+    BATCH_VARIABLES,
     DAEMON_FLAG_DAG,
     STDLIB_POOL_DAG,
+    WORKER_CONTEXT_DAG,
     failure_details,
     gallery_files,
     looks_like_dag_file,
@@ -63,3 +65,21 @@ def test_stdlib_process_pool_fails_only_on_celery(deployment, batch_runs):
     else:
         assert states == {"stdlib_process_pool": "success"}, failure_details(deployment, run)
         report.record(deployment.executor, "stdlib ProcessPoolExecutor in a PythonOperator: runs")
+
+
+def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(deployment, batch_runs):
+    """A DB Variable reaches workers through a template; Variable.get in a worker names the mistake."""
+    run = batch_runs.results[WORKER_CONTEXT_DAG]
+    states = run.task_states()
+    assert states == {"resolve_in_task": "success", "ask_in_worker": "failed"}, failure_details(
+        deployment, run
+    )
+    token = BATCH_VARIABLES["safeproc_e2e_token"]
+    resolved = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "resolve_in_task")
+    assert resolved == [f"{i}:{token}" for i in (1, 2, 3)]
+    log = deployment.task_log(WORKER_CONTEXT_DAG, run.run_id, "ask_in_worker")
+    assert "TaskContextUnavailableError" in log, log
+    assert "Variable.get('safeproc_e2e_token') is not available in a safeproc worker process" in log, log
+    assert "VARIABLE_NOT_FOUND" not in log, log
+    line = next(line.strip() for line in log.splitlines() if "is not available in a safeproc worker" in line)
+    report.record(deployment.executor, f"Variable.get in a pool worker: {line[:160]}")

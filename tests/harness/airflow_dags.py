@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from airflow_provider_safeproc import _compat
 
 # Prepend to DAG sources written by tests: the authoring API moved to airflow.sdk in Airflow 3.
@@ -50,12 +48,6 @@ class DagResult:
     def assert_tasks(self, expected: dict[str, str]) -> None:
         actual = {k: self.tasks.get(k) for k in expected}
         assert actual == expected, f"task states {self.tasks} (run {self.state})"
-
-
-# Airflow 2's dag.test() does not echo task logs to stdout, where tests read them with capfd.
-needs_task_log_on_stdout = pytest.mark.skipif(
-    not _compat.AIRFLOW_V_3, reason="Airflow 2's dag.test() does not write task logs to stdout"
-)
 
 
 class DagRunner:

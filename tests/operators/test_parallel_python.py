@@ -6,7 +6,7 @@ import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.operators import ParallelPythonOperator
-from tests.harness.airflow_dags import DAG_IMPORTS, needs_task_log_on_stdout
+from tests.harness.airflow_dags import DAG_IMPORTS
 
 pytestmark = pytest.mark.integration
 
@@ -91,11 +91,10 @@ with DAG("pp_string", schedule=None, start_date=START, catchup=False):
 )
 
 
-@needs_task_log_on_stdout
-def test_string_template_and_non_iterable_fail_with_clear_message(airflow_dags, capfd):
+def test_string_template_and_non_iterable_fail_with_clear_message(airflow_dags, task_logs):
     result = airflow_dags.run(STRING_TEMPLATE_DAG, "pp_string")
     result.assert_tasks({"text": "failed", "number": "failed"})
-    out = capfd.readouterr().out
+    out = task_logs()
     assert "render_template_as_native_obj=True" in out
     assert "iterable must be an iterable of items" in out
     assert "got 5 (int)" in out
@@ -166,13 +165,12 @@ pp_errors()
 )
 
 
-@needs_task_log_on_stdout
-def test_item_errors_fail_and_continue(airflow_dags, capfd):
+def test_item_errors_fail_and_continue(airflow_dags, task_logs):
     result = airflow_dags.run(ERROR_DAG, "pp_errors")
     result.assert_tasks({"fail_fast": "failed", "keep_going": "failed", "use_partial": "success"})
     assert result.xcom("keep_going", key="partial_results") == [0, 1, 2, None, 4, 5, 6, None, 8, 9]
     assert result.xcom("use_partial") == [0, 1, 2, 4, 5, 6, 8, 9]
-    out = capfd.readouterr().out
+    out = task_logs()
     assert "2 of 10 items failed" in out
     assert "item 3: ValueError: bad item 3" in out
     assert "item 7: ValueError: bad item 7" in out
@@ -195,15 +193,50 @@ with DAG("pp_logs", schedule=None, start_date=START, catchup=False):
 )
 
 
-@needs_task_log_on_stdout
-def test_task_log_has_tagged_lines_progress_and_summary(airflow_dags, capfd):
+def test_task_log_has_tagged_lines_progress_and_summary(airflow_dags, task_logs):
     result = airflow_dags.run(LOG_DAG, "pp_logs")
     result.assert_tasks({"chatty": "success", "quiet": "success"})
-    out = capfd.readouterr().out
+    out = task_logs()
     assert "[item 4] working on 4" in out
     assert "5/5 done" in out
     assert "run summary" in out
     assert result.xcom("quiet") is None
+
+
+WORKER_CONTEXT_DAG = (
+    HEADER
+    + """
+from tests.harness import airflow_objects
+
+def ask_in_worker(item):
+    return airflow_objects.variable_class().get("safeproc_pp_token")
+
+def with_token(item, token):
+    return f"{item}:{token}"
+
+with DAG("pp_worker_context", schedule=None, start_date=START, catchup=False):
+    ParallelPythonOperator(task_id="ask_in_worker", python_callable=ask_in_worker, iterable=[0, 1],
+                           max_workers=2)
+    ParallelPythonOperator(task_id="resolve_in_task", python_callable=with_token, iterable=[0, 1],
+                           op_kwargs={"token": "{{ var.value.safeproc_pp_token }}"}, max_workers=2)
+"""
+)
+
+
+def test_variables_fail_clearly_in_workers_and_resolve_in_the_task(airflow_dags, task_logs):
+    """The Variable exists: asked for in a worker it is refused by name, templated it arrives."""
+    from tests.harness import airflow_objects
+
+    airflow_objects.store_variable("safeproc_pp_token", "s3cret")
+    result = airflow_dags.run(WORKER_CONTEXT_DAG, "pp_worker_context")
+    result.assert_tasks({"ask_in_worker": "failed", "resolve_in_task": "success"})
+    assert result.xcom("resolve_in_task") == ["0:s3cret", "1:s3cret"]
+    out = task_logs()
+    assert (
+        "item 0 failed: TaskContextUnavailableError: Variable.get('safeproc_pp_token') is not available"
+        in out
+    )
+    assert "Resolve the value in the task and pass it to the callable" in out
 
 
 def _run_in_daemonic_task(source: str, dag_id: str):

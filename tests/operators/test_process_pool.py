@@ -6,7 +6,7 @@ import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.operators import ProcessPoolOperator
-from tests.harness.airflow_dags import DAG_IMPORTS, needs_task_log_on_stdout
+from tests.harness.airflow_dags import DAG_IMPORTS
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +109,7 @@ with DAG("ppo_context", schedule=None, start_date=START, catchup=False, params={
 )
 
 
-@needs_task_log_on_stdout
-def test_context_values_and_templates_reach_the_callable(airflow_dags, capfd):
+def test_context_values_and_templates_reach_the_callable(airflow_dags, task_logs):
     result = airflow_dags.run(CONTEXT_DAG, "ppo_context", conf={"who": "me"})
     result.assert_tasks({"report": "success"})
     value = result.xcom("report")
@@ -121,7 +120,7 @@ def test_context_values_and_templates_reach_the_callable(airflow_dags, capfd):
     assert value["ds"]
     assert value["tz_aware"] is True
     assert value["airflow_imported"] is False
-    assert "reporting 3-deep" in capfd.readouterr().out
+    assert "reporting 3-deep" in task_logs()
 
 
 ERRORS_DAG = (
@@ -154,16 +153,46 @@ with DAG("ppo_errors", schedule=None, start_date=START, catchup=False):
 )
 
 
-@needs_task_log_on_stdout
-def test_error_paths_fail_the_task_with_type_message_and_traceback(airflow_dags, capfd):
+def test_error_paths_fail_the_task_with_type_message_and_traceback(airflow_dags, task_logs):
     result = airflow_dags.run(ERRORS_DAG, "ppo_errors")
     result.assert_tasks({"value_error": "failed", "custom": "failed", "exit": "failed", "timeout": "failed"})
-    out = capfd.readouterr().out
+    out = task_logs()
     assert "ValueError: the input was wrong" in out
     assert "in raises_value_error" in out  # the child's traceback, not just str(e)
     assert "NeedsTwoArgs" in out
     assert "exit code 3" in out
     assert "exceeded timeout=1 s" in out
+
+
+WORKER_CONTEXT_DAG = (
+    HEADER
+    + """
+from tests.harness import airflow_objects
+
+def ask_for_variable():
+    return airflow_objects.variable_class().get("safeproc_ppo_token")
+
+def ask_in_process_pool(process_pool):
+    return process_pool.submit(ask_for_variable).result()
+
+with DAG("ppo_worker_context", schedule=None, start_date=START, catchup=False):
+    ProcessPoolOperator(task_id="in_interpreter", python_callable=ask_for_variable)
+    ProcessPoolOperator(task_id="in_its_pool", python_callable=ask_in_process_pool, max_workers=1)
+    ProcessPoolOperator(task_id="resolved", python_callable=lambda token: token,
+                        op_kwargs={"token": "{{ var.value.safeproc_ppo_token }}"})
+"""
+)
+
+
+def test_variables_fail_clearly_in_the_interpreter_and_its_pool(airflow_dags, task_logs):
+    from tests.harness import airflow_objects
+
+    airflow_objects.store_variable("safeproc_ppo_token", "s3cret")
+    result = airflow_dags.run(WORKER_CONTEXT_DAG, "ppo_worker_context")
+    result.assert_tasks({"in_interpreter": "failed", "in_its_pool": "failed", "resolved": "success"})
+    assert result.xcom("resolved") == "s3cret"
+    out = task_logs()
+    assert out.count("TaskContextUnavailableError: Variable.get('safeproc_ppo_token') is not available") >= 2
 
 
 @pytest.mark.parametrize(

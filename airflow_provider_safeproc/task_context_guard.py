@@ -1,0 +1,170 @@
+"""Refuse Airflow's task context (Variables, Connections, XComs) inside worker processes.
+
+A worker is not a task process. On Airflow 3 it has no connection to the task's supervisor
+(the supervisor socket is never shared with it), so ``Variable.get`` there reports an existing
+variable as "not found"; on Airflow 2 it would open its own database sessions, one per worker,
+behind the task's back. Both are worse than a clear error, so the operators' workers get one:
+:class:`~airflow_provider_safeproc.errors.TaskContextUnavailableError`, naming the call and
+saying to resolve the value in the task and pass it in.
+
+Workers must not import Airflow to install this, so nothing is imported: a meta-path finder
+waits for the Airflow modules that hold these entry points and replaces the entry points as
+each module is loaded (at once for modules already loaded, as in a ``fork`` pool). Code that
+never touches Airflow pays nothing. Stdlib only, so a fresh interpreter can use it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["refuse_task_context"]
+
+_VARIABLE_MODEL = ("get", "set", "update", "delete", "setdefault", "get_variable_from_secrets")
+_XCOM_MODEL = ("set", "get_value", "get_one", "get_many", "delete", "clear", "purge")
+
+#: module -> (owner, attribute, the call as the user sees it; ``{}`` gets the key or conn_id).
+#: Owner "" is the module itself. Entries absent from the installed Airflow version are skipped.
+_ENTRY_POINTS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    # Airflow 3 (Task SDK): every Variable and Connection lookup (Variable.get,
+    # Connection.get, BaseHook.get_connection, hooks) ends in one of these.
+    "airflow.sdk.execution_time.context": (
+        ("", "_get_variable", "Variable.get({})"),
+        ("", "_get_variable_keys", "Variable.keys({})"),
+        ("", "_set_variable", "Variable.set({})"),
+        ("", "_delete_variable", "Variable.delete({})"),
+        ("", "_get_connection", "Getting the connection {} (Connection.get, BaseHook.get_connection)"),
+        ("", "_async_get_connection", "Getting the connection {} (Connection.async_get)"),
+    ),
+    # Airflow 2, and the database models of Airflow 3.
+    "airflow.models.variable": tuple(
+        ("Variable", name, f"Variable.{name}({{}})") for name in _VARIABLE_MODEL
+    ),
+    "airflow.models.connection": (
+        ("Connection", "get_connection_from_secrets", "Getting the connection {} (BaseHook.get_connection)"),
+    ),
+    "airflow.models.xcom": (
+        *(("BaseXCom", name, f"XCom.{name}({{}})") for name in _XCOM_MODEL),
+        *(("XComModel", name, f"XCom.{name}({{}})") for name in _XCOM_MODEL),
+    ),
+}
+# Airflow 3: XComs and every other request go through this object; a stand-in refuses them.
+_SUPERVISOR_MODULE = "airflow.sdk.execution_time.task_runner"
+_WATCHED = frozenset((*_ENTRY_POINTS, _SUPERVISOR_MODULE))
+_NAMING_KEYWORDS = ("key", "conn_id", "task_ids", "task_id")
+
+
+def _error(call: str) -> Exception:
+    try:
+        from airflow_provider_safeproc.errors import TaskContextUnavailableError
+    except ImportError:  # loaded by path in an interpreter without this package
+        return RuntimeError(f"{call} is not available in a worker process: resolve it in the task")
+    return TaskContextUnavailableError(call)
+
+
+def _describe(call: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """``Variable.get('token')``: the call, with the argument that names what was asked for."""
+    if args:
+        shown = repr(args[0])
+    else:
+        shown = next((f"{k}={kwargs[k]!r}" for k in _NAMING_KEYWORDS if k in kwargs), "")
+    return call.format(shown).replace("  ", " ")
+
+
+def _refuser(call: str, skip: int) -> Callable[..., Any]:
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise _error(_describe(call, args[skip:], kwargs))
+
+    refused.__safeproc_refused__ = True  # type: ignore[attr-defined]
+    return refused
+
+
+def _replace(owner: Any, name: str, call: str) -> None:
+    raw = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+    if raw is None or getattr(raw, "__safeproc_refused__", False):
+        return
+    if isinstance(raw, classmethod):
+        new: Any = classmethod(functools.wraps(raw.__func__)(_refuser(call, 1)))
+    elif isinstance(raw, staticmethod):
+        new = staticmethod(functools.wraps(raw.__func__)(_refuser(call, 0)))
+    elif isinstance(raw, types.FunctionType):
+        new = functools.wraps(raw)(_refuser(call, 1 if isinstance(owner, type) else 0))
+    else:
+        return
+    new_func = new.__func__ if isinstance(new, (classmethod, staticmethod)) else new
+    new_func.__safeproc_refused__ = True
+    setattr(owner, name, new)
+
+
+class _NoSupervisor:
+    """Stands in for the Task SDK's supervisor channel, which a worker does not have."""
+
+    def send(self, msg: Any) -> Any:
+        raise _error(f"The Airflow task API request {type(msg).__name__}")
+
+    async def asend(self, msg: Any) -> Any:
+        raise _error(f"The Airflow task API request {type(msg).__name__}")
+
+
+def _patch(module: types.ModuleType) -> None:
+    if module.__name__ == _SUPERVISOR_MODULE:
+        module.SUPERVISOR_COMMS = _NoSupervisor()  # type: ignore[attr-defined]
+        return
+    for owner_name, name, call in _ENTRY_POINTS.get(module.__name__, ()):
+        owner = getattr(module, owner_name, None) if owner_name else module
+        if owner is not None:
+            _replace(owner, name, call)
+
+
+class _PatchingLoader:
+    """Runs the real loader, then patches the module; the module keeps the real loader."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _patch(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _Finder:
+    """Meta-path finder that hands the watched Airflow modules to :class:`_PatchingLoader`."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _WATCHED:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def refuse_task_context() -> None:
+    """Make Variables, Connections and XComs raise a clear error in this (worker) process.
+
+    Idempotent; used as the operators' worker initializer.
+    """
+    if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+    for name in _WATCHED:
+        module = sys.modules.get(name)
+        if module is not None:
+            _patch(module)
