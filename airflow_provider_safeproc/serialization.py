@@ -11,6 +11,7 @@ other process can import; cloudpickle would ship them by reference. We register 
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import sys
 import traceback
@@ -22,6 +23,7 @@ import cloudpickle
 from airflow_provider_safeproc.errors import RemoteError, RemoteTraceback, SerializationError
 
 _DAG_MODULE_PREFIX = "unusual_prefix_"
+_EMPTY_CELL = object()
 _checked_modules: dict[str, bool] = {}
 
 
@@ -63,12 +65,11 @@ def register_unimportable_modules(*objs: Any) -> None:
 
 
 def dumps(obj: Any, *, what: str, item: int | None = None) -> bytes:
-    """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the type."""
+    """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit."""
     try:
         return cloudpickle.dumps(obj, protocol=5)
     except Exception as exc:  # pickle raises many types: PicklingError, TypeError, AttributeError...
-        culprit = _unpicklable_part(obj)
-        raise SerializationError(what, _type_name(culprit), str(exc), item=item) from exc
+        raise SerializationError(what, _describe_unpicklable(obj), str(exc), item=item) from exc
 
 
 def loads(data: bytes) -> Any:
@@ -80,22 +81,49 @@ def _type_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
 
 
-def _unpicklable_part(obj: Any, depth: int = 0) -> Any:
-    """The innermost element of a container that fails to pickle on its own, for the message."""
-    if depth > 3:
-        return obj
+def _parts(obj: Any) -> list[tuple[str, Any]] | None:
+    """What ``obj`` is pickled from, with labels for the message; None for a leaf."""
+    if isinstance(obj, functools.partial):
+        return [("", obj.func), *(("", a) for a in obj.args), *(("", v) for v in obj.keywords.values())]
     if isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        children = list(obj)
-    else:
-        return obj
-    for child in children:
+        return [("", v) for v in obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [("", v) for v in obj]
+    if isinstance(obj, types.FunctionType):  # shipped by value: its closure and globals travel too
+        code, cells = obj.__code__, obj.__closure__ or ()
+        parts = [
+            (f"closure variable {name}", value)
+            for name, cell in zip(code.co_freevars, cells, strict=True)
+            if (value := _cell_value(cell)) is not _EMPTY_CELL
+        ]
+        parts += [
+            (f"global {name}", obj.__globals__[name]) for name in code.co_names if name in obj.__globals__
+        ]
+        return parts
+    return None
+
+
+def _cell_value(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return _EMPTY_CELL
+
+
+def _describe_unpicklable(obj: Any, depth: int = 0) -> str:
+    """The innermost part that fails to pickle on its own: ``function f, global LOCK: _thread.lock``."""
+    parts = _parts(obj) if depth <= 4 else None
+    for label, part in parts or ():
         try:
-            cloudpickle.dumps(child)
+            cloudpickle.dumps(part)
         except Exception:
-            return _unpicklable_part(child, depth + 1)
-    return obj
+            inner = _describe_unpicklable(part, depth + 1)
+            if isinstance(obj, types.FunctionType):
+                return f"function {obj.__qualname__}, {label}: {inner}"
+            return inner
+    if isinstance(obj, types.FunctionType):
+        return f"function {obj.__qualname__}"
+    return _type_name(obj)
 
 
 def capture_exception(exc: BaseException) -> dict[str, Any]:

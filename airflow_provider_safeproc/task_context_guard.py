@@ -7,6 +7,12 @@ behind the task's back. Both are worse than a clear error, so the operators' wor
 :class:`~airflow_provider_safeproc.errors.TaskContextUnavailableError`, naming the call and
 saying to resolve the value in the task and pass it in.
 
+A worker may still import Airflow for plain things (exceptions, constants, a function's
+globals). Airflow 3's supervisor blocks the task's database with an unparsable
+``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``, which makes a bare ``import airflow`` fail in any
+process that inherits it; :data:`WORKER_ENVIRONMENT` tells Airflow to skip its database set-up
+(what PythonVirtualenvOperator's script does), so the import works and the guard can answer.
+
 Workers must not import Airflow to install this, so nothing is imported: a meta-path finder
 waits for the Airflow modules that hold these entry points and replaces the entry points as
 each module is loaded (at once for modules already loaded, as in a ``fork`` pool). Code that
@@ -16,12 +22,16 @@ never touches Airflow pays nothing. Stdlib only, so a fresh interpreter can use 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["refuse_task_context"]
+__all__ = ["WORKER_ENVIRONMENT", "refuse_task_context"]
+
+#: Set in workers: ``import airflow`` skips the database set-up (Airflow 3 reads it at import).
+WORKER_ENVIRONMENT = {"PYTHON_OPERATORS_VIRTUAL_ENV_MODE": "1"}
 
 _VARIABLE_MODEL = ("get", "set", "update", "delete", "setdefault", "get_variable_from_secrets")
 _XCOM_MODEL = ("set", "get_value", "get_one", "get_many", "delete", "clear", "purge")
@@ -160,8 +170,9 @@ class _Finder:
 def refuse_task_context() -> None:
     """Make Variables, Connections and XComs raise a clear error in this (worker) process.
 
-    Idempotent; used as the operators' worker initializer.
+    Idempotent; used as the operators' worker initializer. Also sets :data:`WORKER_ENVIRONMENT`.
     """
+    os.environ.update(WORKER_ENVIRONMENT)
     if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     for name in _WATCHED:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import types
@@ -31,6 +32,20 @@ def test_dumps_names_the_item_and_the_innermost_culprit():
     assert (err.what, err.item, err.type_name) == ("argument", 4, "_thread.lock")
     assert "cannot serialize the argument of item 4: _thread.lock" in str(err)
     assert isinstance(err, TypeError)
+
+
+def test_dumps_names_the_closure_variable_that_stops_a_function():
+    lock = threading.Lock()
+
+    def per_item(x):
+        with lock:
+            return x
+
+    wrapped = functools.partial(per_item, 1)  # as the operators wrap the user's callable
+    with pytest.raises(SerializationError, match=r"closure variable lock: _thread\.lock"):
+        dumps(wrapped, what="callable")
+    with pytest.raises(SerializationError, match=r"function .*per_item, closure variable lock"):
+        dumps(per_item, what="callable")
 
 
 def test_closures_round_trip():

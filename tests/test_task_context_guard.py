@@ -7,16 +7,20 @@ these tests pass.
 
 from __future__ import annotations
 
+import importlib.metadata
 import pickle
 
 import pytest
 
-from airflow_provider_safeproc import SafeProcessPoolExecutor
+from airflow_provider_safeproc import SafeProcessPoolExecutor, run_in_interpreter
 from airflow_provider_safeproc.errors import SafeprocError, TaskContextUnavailableError
 from airflow_provider_safeproc.task_context_guard import refuse_task_context
 from tests.harness import airflow_objects
 
 pytestmark = pytest.mark.integration
+
+# Not from _compat: workers import this module (for its functions) and must not import Airflow.
+AIRFLOW_V_3 = importlib.metadata.version("apache-airflow").startswith("3.")
 
 VARIABLE, CONNECTION = "safeproc_guard_variable", "safeproc_guard_conn"
 
@@ -99,3 +103,39 @@ def test_without_the_guard_a_worker_gets_no_clear_error(stored_objects):
     assert not isinstance(error, TaskContextUnavailableError)
     if error is None:  # Airflow 2: the worker opened its own DB session, behind the task's back
         assert future.result() == "stored-value"
+
+
+BLOCKED_DATABASE = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "airflow-db-not-allowed:///"}
+
+
+def import_airflow(_: object) -> str:
+    import airflow
+
+    return airflow.__version__
+
+
+@pytest.mark.skipif(not AIRFLOW_V_3, reason="Airflow 3's supervisor blocks the task's database")
+def test_airflow_imports_in_workers_of_a_task_whose_database_is_blocked(stored_objects, monkeypatch):
+    """A real Airflow 3 task process has an unparsable database URL, inherited by every worker.
+
+    A bare ``import airflow`` then fails there; with the guard it works, and Variable.get gets
+    the clear error rather than a SQLAlchemy ArgumentError.
+    """
+    for key, value in BLOCKED_DATABASE.items():
+        monkeypatch.setenv(key, value)
+    with SafeProcessPoolExecutor(1) as pool, pytest.raises(Exception, match="Could not parse SQLAlchemy URL"):
+        pool.submit(import_airflow, None).result(timeout=120)
+    with SafeProcessPoolExecutor(1, initializer=refuse_task_context) as pool:
+        assert pool.submit(import_airflow, None).result(timeout=120)
+        with pytest.raises(TaskContextUnavailableError, match=r"Variable\.get\('safeproc_guard_variable'\)"):
+            pool.submit(get_variable, None).result(timeout=120)
+
+
+@pytest.mark.skipif(not AIRFLOW_V_3, reason="Airflow 3's supervisor blocks the task's database")
+def test_process_pool_operator_child_imports_airflow_despite_the_blocked_database(monkeypatch):
+    from airflow_provider_safeproc.operators import ProcessPoolOperator
+
+    for key, value in BLOCKED_DATABASE.items():
+        monkeypatch.setenv(key, value)
+    operator = ProcessPoolOperator(task_id="t", python_callable=import_airflow)
+    assert run_in_interpreter(import_airflow, None, env=operator._environment(), timeout=120)

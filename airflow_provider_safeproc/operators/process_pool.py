@@ -230,8 +230,9 @@ class ProcessPoolOperator(_compat.BaseOperator):
         )
         return str(python)
 
-    def _environment(self) -> dict[str, str] | None:
-        if self.inherit_env and not self.env_vars:
-            return None
+    def _environment(self) -> dict[str, str]:
+        from airflow_provider_safeproc.task_context_guard import WORKER_ENVIRONMENT
+
         base = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", os.defpath)}
-        return {**base, **{str(k): str(v) for k, v in self.env_vars.items()}}
+        # Before the callable is unpickled there: its globals may import Airflow.
+        return {**base, **WORKER_ENVIRONMENT, **{str(k): str(v) for k, v in self.env_vars.items()}}

@@ -71,9 +71,8 @@ def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(deployment, b
     """A DB Variable reaches workers through a template; Variable.get in a worker names the mistake."""
     run = batch_runs.results[WORKER_CONTEXT_DAG]
     states = run.task_states()
-    assert states == {"resolve_in_task": "success", "ask_in_worker": "failed"}, failure_details(
-        deployment, run
-    )
+    expected = {"resolve_in_task": "success", "ask_in_worker": "failed", "worker_sockets": "success"}
+    assert states == expected, failure_details(deployment, run)
     token = BATCH_VARIABLES["safeproc_e2e_token"]
     resolved = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "resolve_in_task")
     assert resolved == [f"{i}:{token}" for i in (1, 2, 3)]
@@ -83,3 +82,7 @@ def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(deployment, b
     assert "VARIABLE_NOT_FOUND" not in log, log
     line = next(line.strip() for line in log.splitlines() if "is not available in a safeproc worker" in line)
     report.record(deployment.executor, f"Variable.get in a pool worker: {line[:160]}")
+    # The supervisor socket is never shared: a worker holds none of the task process's sockets.
+    sockets = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "worker_sockets")
+    assert all(s["task_sockets"] > 0 and s["shared"] == [] for s in sockets), sockets
+    report.record(deployment.executor, f"sockets a worker shares with its task process: {sockets}")

@@ -26,6 +26,22 @@ except ImportError:  # Airflow 2
 """
 
 
+def dag_header(*imports: str) -> str:
+    """The top of a test DAG file: the authoring API of either version, ``START``, ``imports``."""
+    return (
+        DAG_IMPORTS
+        + """try:
+    from airflow.sdk import DAG
+except ImportError:
+    from airflow import DAG
+"""
+        + "".join(f"{line}\n" for line in imports)
+        + """
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+"""
+    )
+
+
 def create_metadata_db() -> None:
     from airflow.utils import db
 

@@ -6,22 +6,11 @@ import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.operators import ParallelPythonOperator
-from tests.harness.airflow_dags import DAG_IMPORTS
+from tests.harness.airflow_dags import dag_header
 
 pytestmark = pytest.mark.integration
 
-HEADER = (
-    DAG_IMPORTS
-    + """
-try:
-    from airflow.sdk import DAG
-except ImportError:
-    from airflow import DAG
-from airflow_provider_safeproc.operators import ParallelPythonOperator
-
-START = pendulum.datetime(2024, 1, 1, tz="UTC")
-"""
-)
+HEADER = dag_header("from airflow_provider_safeproc.operators import ParallelPythonOperator")
 
 ORDER_DAG = (
     HEADER

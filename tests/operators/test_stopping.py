@@ -12,25 +12,19 @@ import time
 import psutil
 import pytest
 
-from tests.harness.airflow_dags import DAG_IMPORTS
+from tests.harness.airflow_dags import dag_header
 from tests.harness.processes import wait_until
 from tests.harness.task_process import RECORD_PID, start_task_process
 
 pytestmark = pytest.mark.integration
 
 HEADER = (
-    DAG_IMPORTS
+    dag_header(
+        "import datetime, time",
+        "from airflow_provider_safeproc.operators import ParallelPythonOperator, ProcessPoolOperator",
+    )
     + RECORD_PID
     + """
-import datetime, time
-try:
-    from airflow.sdk import DAG
-except ImportError:
-    from airflow import DAG
-from airflow_provider_safeproc.operators import ParallelPythonOperator, ProcessPoolOperator
-
-START = pendulum.datetime(2024, 1, 1, tz="UTC")
-
 def nap(_):
     record_pid()
     time.sleep(300)
