@@ -488,7 +488,7 @@ class PoolCore:
         if kind == RAISED:
             error = rebuild_exception(payload, item=tag)
             if job.may_retry(index):
-                job.note_retry(index)
+                self._retry(job, index, error)
                 job.pids.add(worker.pid)
                 self.pending.appendleft(Dispatch(job, dispatch.chunk, [pos]))
                 return
@@ -496,6 +496,15 @@ class PoolCore:
             type_name, reason = payload
             error = SerializationError("result", type_name, reason, item=tag)
         job.record(index, False, error, pid=worker.pid)
+
+    def _retry(self, job: Job, index: int, error: BaseException) -> None:
+        """Count a retry of ``index`` and say so in the log: a retried item is not silent."""
+        job.note_retry(index)
+        failed = job.attempts(index) - 1
+        self._emit(
+            f"[item {job.tag_offset + index}] attempt {failed} of {job.retries + 1} failed "
+            f"({type(error).__name__}: {error}); retrying"
+        )
 
     def _on_worker_exit(self, worker: _Worker, exitcode: int) -> None:
         """The guardian reaped ``worker``: settle what it was doing, then forget it."""
@@ -544,7 +553,7 @@ class PoolCore:
             if error is not None:
                 job.pids.add(worker.pid)
                 if job.may_retry(index):
-                    job.note_retry(index)
+                    self._retry(job, index, error)
                     requeue.insert(0, culprit)
                 else:
                     job.record(index, False, error, pid=worker.pid)

@@ -78,10 +78,15 @@ def test_lost_item_is_retried_when_asked(tmp_path):
             os.kill(os.getpid(), signal.SIGKILL)
         return x * 10
 
-    with SafeProcessPoolExecutor(2) as pool:
+    lines: list[str] = []
+    with SafeProcessPoolExecutor(2, log=lines.append) as pool:
         outcomes = list(pool.map_outcomes(item, range(3), retries=1))
         assert pool.summary.retries == 1
     assert [(o.ok, o.value, o.attempts) for o in outcomes] == [(True, 0, 1), (True, 10, 2), (True, 20, 1)]
+    retried = [line for line in lines if "retrying" in line]
+    assert len(retried) == 1, lines
+    assert retried[0].startswith("[item 1] attempt 1 of 2 failed (WorkerLostError: worker process ")
+    assert "killed by SIGKILL" in retried[0]
 
 
 def test_item_timeout_kills_the_worker_and_what_it_started(start_method, tmp_path):

@@ -80,6 +80,8 @@ def test_each_failure_names_its_cause_and_item(airflow_dags, tmp_path, task_logs
     # A worker killed mid-item (the OOM killer's SIGKILL): no hang, the item and signal named.
     assert "item 2 failed: WorkerLostError: worker process" in log
     assert "while running item 2: killed by SIGKILL" in log
+    # Each retry is logged with the item, the attempt and why.
+    assert "[item 0] attempt 1 of 2 failed (RuntimeError: first attempt of 1); retrying" in log
     # Retries used up: the item's own exception.
     assert "item 0 failed: RuntimeError: first attempt of 7" in log
     # A result that cannot travel back.
