@@ -111,8 +111,8 @@ def _workers_from_xcom(dag_id: str, run_id: str, task_id: str, map_index: int) -
     from airflow_provider_safeproc import _compat
 
     summary = _compat.read_xcom(dag_id, run_id, task_id, key="run_summary", map_index=map_index)
-    if isinstance(summary, dict) and "worker_pids" in summary:
-        return str(len(summary["worker_pids"]))
+    if isinstance(summary, dict) and summary.get("workers") is not None:
+        return str(summary["workers"])
     return None
 
 
@@ -210,8 +210,9 @@ def main() -> int:
     _say("")
     _print_table(table)
     _say("")
-    _say("workers: distinct worker processes in the pool's run summary (the operator's own count);")
-    _say("  '-': no SafeProcessPoolExecutor map in that task (plain tasks, ProcessPoolOperator).")
+    _say("workers: distinct worker processes in the pool's run summary (the operator's own count),")
+    _say("  or the size of the process_pool handed to a ProcessPoolOperator callable;")
+    _say("  '-': no pool of the operator's in that task (plain tasks, ProcessPoolOperator without one).")
     _say("The first task to run also pays ~3 s for Airflow's in-process API to start.")
     verdict = "some tasks did NOT succeed" if failed else f"all {len(table)} task instances succeeded"
     _say(

@@ -134,3 +134,17 @@ def plain_value(value: Any) -> Any:
             run_type=str(getattr(getattr(value, "run_type", None), "value", getattr(value, "run_type", ""))),
         )
     return value
+
+
+def push_run_summary(operator: Any, context: Any, summary: Mapping[str, Any]) -> None:
+    """Push ``summary`` as the XCom ``run_summary`` when the operator pushes XComs at all.
+
+    A failure to push is logged, never raised: it must not hide the task's own outcome (the
+    task may be being killed while this runs).
+    """
+    if not operator.do_xcom_push:
+        return
+    try:
+        context["ti"].xcom_push(key="run_summary", value=dict(summary))
+    except Exception:
+        operator.log.warning("could not push the run summary to XCom", exc_info=True)

@@ -16,7 +16,11 @@ from airflow_provider_safeproc import _compat
 from airflow_provider_safeproc._calls import call_with_item
 from airflow_provider_safeproc.errors import ConfigurationError, ItemFailedError, PartialFailureError
 from airflow_provider_safeproc.operators import _config
-from airflow_provider_safeproc.operators._context import context_kwargs, refuse_task_process_only_params
+from airflow_provider_safeproc.operators._context import (
+    context_kwargs,
+    push_run_summary,
+    refuse_task_process_only_params,
+)
 from airflow_provider_safeproc.validation import (
     check_callable,
     check_choice,
@@ -153,22 +157,18 @@ class ParallelPythonOperator(_compat.BaseOperator):
         if summary is None:
             return
         self.log.info("run summary: %s", summary)
-        if not self.do_xcom_push:
-            return
-        try:
-            context["ti"].xcom_push(
-                key="run_summary",
-                value={
-                    "items": summary.items,
-                    "failures": summary.failures,
-                    "retries": summary.retries,
-                    "workers": len(summary.worker_pids),
-                    "wall_time": round(summary.wall_time, 3),
-                    "items_per_second": round(summary.items_per_second, 1),
-                },
-            )
-        except Exception:  # never hide the task's own outcome (e.g. while it is being killed)
-            self.log.warning("could not push the run summary to XCom", exc_info=True)
+        push_run_summary(
+            self,
+            context,
+            {
+                "items": summary.items,
+                "failures": summary.failures,
+                "retries": summary.retries,
+                "workers": len(summary.worker_pids),
+                "wall_time": round(summary.wall_time, 3),
+                "items_per_second": round(summary.items_per_second, 1),
+            },
+        )
 
     def _run(
         self, pool: SafeProcessPoolExecutor, per_item: Callable[[Any], Any], items: list[Any]

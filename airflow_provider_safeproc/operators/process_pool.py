@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,7 +19,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow_provider_safeproc import _compat
 from airflow_provider_safeproc.errors import ConfigurationError, RemoteTraceback
 from airflow_provider_safeproc.operators import _config
-from airflow_provider_safeproc.operators._context import context_kwargs, refuse_task_process_only_params
+from airflow_provider_safeproc.operators._context import (
+    context_kwargs,
+    push_run_summary,
+    refuse_task_process_only_params,
+)
 from airflow_provider_safeproc.validation import check_callable, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:
@@ -171,8 +176,10 @@ class ProcessPoolOperator(_compat.BaseOperator):
                 reserved=(POOL_PARAMETER,),
             ),
         }
+        pool_size = None
         if _takes_process_pool(fn):
-            fn = _with_process_pool(fn, self._pool_size())
+            pool_size = self._pool_size()
+            fn = _with_process_pool(fn, pool_size)
         fn = _without_task_context(fn)
         handle = start_in_interpreter(
             fn,
@@ -184,8 +191,12 @@ class ProcessPoolOperator(_compat.BaseOperator):
             **kwargs,
         )
         self._handle = handle
+        started = time.monotonic()
+        outcome = "failed"
         try:
-            return handle.result()
+            result = handle.result()
+            outcome = "succeeded"
+            return result
         except Exception as exc:
             cause = exc.__cause__
             if isinstance(cause, RemoteTraceback):
@@ -194,6 +205,16 @@ class ProcessPoolOperator(_compat.BaseOperator):
         finally:
             handle.kill()  # no-op when it already ended; ends everything on any exception
             self._handle = None
+            self._report_summary(context, handle.pid, outcome, time.monotonic() - started, pool_size)
+
+    def _report_summary(
+        self, context: Any, pid: int, outcome: str, seconds: float, pool_size: int | None
+    ) -> None:
+        """One log line; with do_xcom_push also the XCom ``run_summary`` (as ParallelPythonOperator)."""
+        pool = f", process_pool of {pool_size} workers" if pool_size else ""
+        self.log.info("run summary: interpreter %d %s in %.2f s%s", pid, outcome, seconds, pool)
+        summary = {"interpreter_pid": pid, "outcome": outcome, "wall_time": round(seconds, 3)}
+        push_run_summary(self, context, {**summary, "workers": pool_size})
 
     def on_kill(self) -> None:
         """Task failed, cleared or timed out: end the interpreter and all it started (no locks)."""

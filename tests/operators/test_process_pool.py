@@ -62,17 +62,21 @@ def _run_stdlib_pools_in_daemon():
     assert multiprocessing.current_process().daemon
     result = DagRunner(Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])).run(STDLIB_POOLS_DAG, "ppo_stdlib")
     tasks = ("executor", "mp_pool", "joblib", "handed_a_pool")
-    return os.getpid(), result.tasks, {t: result.xcom(t) for t in tasks}
+    summary = result.xcom("handed_a_pool", key="run_summary")
+    return os.getpid(), result.tasks, {t: result.xcom(t) for t in tasks}, summary
 
 
 @pytest.mark.usefixtures("airflow_db")
 def test_stdlib_pools_run_unchanged_from_a_daemonic_task(run_in_daemon, daemon_kind):
-    task_pid, tasks, values = run_in_daemon(_run_stdlib_pools_in_daemon, kind=daemon_kind)
+    task_pid, tasks, values, summary = run_in_daemon(_run_stdlib_pools_in_daemon, kind=daemon_kind)
     assert set(tasks.values()) == {"success"}, tasks
     for name, (child_pid, worker_pids) in values.items():
         assert child_pid != task_pid, name  # a fresh interpreter, not the daemonic task process
         assert len(worker_pids) == 2, f"{name} ran on {worker_pids}"
         assert child_pid not in worker_pids
+    assert summary["outcome"] == "succeeded"
+    assert summary["workers"] == 2
+    assert summary["wall_time"] > 0
 
 
 CONTEXT_DAG = (
@@ -109,7 +113,13 @@ def test_context_values_and_templates_reach_the_callable(airflow_dags, task_logs
     assert value["ds"]
     assert value["tz_aware"] is True
     assert value["airflow_imported"] is False
-    assert "reporting 3-deep" in task_logs()
+    log = task_logs()
+    assert "reporting 3-deep" in log
+    assert "run summary: interpreter " in log
+    summary = result.xcom("report", key="run_summary")
+    assert summary["outcome"] == "succeeded"
+    assert summary["workers"] is None  # no process_pool parameter
+    assert f"run summary: interpreter {summary['interpreter_pid']} succeeded in " in log
 
 
 ERRORS_DAG = (
