@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,8 @@ _KILL_GRACE = 5.0
 # Output still arriving after the guardian exited comes from a process that escaped the tree.
 _DRAIN_GRACE = 0.5
 _MAX_LINE = 1 << 16
+# Handles still running, so that a bare fork of this process can drop their lifelines.
+_live_handles: weakref.WeakSet[InterpreterHandle] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ class InterpreterHandle:
             target=self._pump, args=(result_r, out_r), name=f"safeproc-interpreter-{self.pid}", daemon=True
         )
         self._thread.start()
+        _live_handles.add(self)
         with contextlib.suppress(OSError):  # a child that died at once is reported by result()
             self._lifeline.sendall(len(header).to_bytes(_LEN, "big") + header)
 
@@ -468,3 +472,19 @@ def run_in_interpreter(
         fn, *args, python=python, env=env, cwd=cwd, timeout=timeout, log=log, **kwargs
     )
     return handle.result()
+
+
+def _drop_lifelines_in_child() -> None:
+    """After a bare fork of this process: the copy must not hold our interpreters' lifelines.
+
+    The lifeline's end of file is how an interpreter learns that its parent died; a forked
+    copy that kept the socket open (a fork-based pool, ``os.fork``) would hide that death for
+    as long as the copy lives. ``close_fds`` covers fork+exec; this covers fork alone.
+    """
+    for handle in list(_live_handles):
+        with contextlib.suppress(OSError):
+            os.close(handle._lifeline.detach())
+    _live_handles.clear()
+
+
+os.register_at_fork(after_in_child=_drop_lifelines_in_child)

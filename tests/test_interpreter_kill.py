@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -184,3 +186,43 @@ def test_parent_killed_by_sigkill(tmp_path: Path, tag: str, run_in_daemon, daemo
         run_in_daemon(_start_pool_then_die, str(marker), kind=daemon_kind, timeout=60)
     assert _pool_running(marker)
     _assert_no_survivors(tag, within=5.0)
+
+
+def test_parent_killed_while_a_bare_fork_of_it_lives(tmp_path: Path, tag: str) -> None:
+    """A forked copy of the parent must not keep the lifeline open: the interpreter still ends."""
+    marker, sibling_file = tmp_path / "worker", tmp_path / "sibling"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _FORK_A_SIBLING_THEN_DIE, str(marker), str(sibling_file)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    assert parent.wait(timeout=60) == -signal.SIGKILL
+    sibling = int(sibling_file.read_text())
+    try:
+        assert _pool_running(marker)
+        others = lambda: [p for p in processes_tagged(TAG, tag) if p.pid != sibling]  # noqa: E731
+        assert wait_until(lambda: not others(), timeout=5.0), [(p.pid, p.cmdline()) for p in others()]
+    finally:
+        os.kill(sibling, signal.SIGKILL)
+    _assert_no_survivors(tag, within=5.0)
+
+
+_FORK_A_SIBLING_THEN_DIE = """
+import os, signal, sys, time
+from pathlib import Path
+from airflow_provider_safeproc import start_in_interpreter
+from tests.test_interpreter_kill import _pool_running, pool_forever
+
+marker, sibling_file = sys.argv[1:]
+start_in_interpreter(pool_forever, marker)
+deadline = time.monotonic() + 30
+while not _pool_running(Path(marker)) and time.monotonic() < deadline:
+    time.sleep(0.02)
+sibling = os.fork()  # a bare fork (no exec), as fork-based pools do
+if sibling == 0:
+    time.sleep(120)
+    os._exit(0)
+Path(sibling_file).write_text(str(sibling))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
