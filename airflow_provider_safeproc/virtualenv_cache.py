@@ -1,12 +1,14 @@
 """Virtualenvs built once per set of inputs and reused: the interpreters for run_in_interpreter.
 
 An entry lives at ``<cache_dir>/<key>/``, where ``key`` hashes everything that changes what
-gets installed: the normalized requirements, the base interpreter and its exact version,
+gets installed: the normalized requirements (with the files a requirements file includes
+through ``-r``/``-c``), the base interpreter and its exact version,
 cloudpickle's version (pinned to ours: payloads are only reliable between equal versions),
 ``system_site_packages`` and ``pip_args``. A build happens in place under an exclusive
 ``flock`` on ``<cache_dir>/<key>.lock``; the completion marker is written last, so an entry
 without it (a crash mid-build) is never used, and is deleted before the next build. A failed
-build deletes its directory before raising.
+build deletes its directory before raising. Lock files stay (a few bytes each): deleting one
+while another process waits on it would let a third take a fresh lock and build alongside.
 
 Virtualenvs are not relocatable (console-script shebangs hold their path), which is why the
 build happens at the final path rather than in a temporary one renamed at the end.
@@ -89,20 +91,45 @@ def _normalize(requirement: str) -> str | None:
     return text
 
 
+_INCLUDE = re.compile(r"^(-r|--requirement|-c|--constraint)(?:\s*=\s*|\s+|(?=\S))(\S+)$")
+
+
+def _file_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
+    """Normalized lines of a requirements file, with the files it includes (``-r``, ``-c``) inlined.
+
+    Included files change what gets installed, so they are part of the cache key; their paths
+    are resolved against the including file's folder, as pip and uv do.
+    """
+    resolved = path.resolve()
+    if resolved in seen:
+        return []  # an include cycle: the installer reports it, the key need not loop
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"requirements={os.fspath(path)!r}: a requirements file path or a list of requirement "
+            f"strings is expected, and this file cannot be read ({exc.strerror})"
+        ) from None
+    lines: list[str] = []
+    for line in map(_normalize, text.splitlines()):
+        include = _INCLUDE.match(line) if line else None
+        if include is None:
+            lines += [line] if line else []
+            continue
+        option, target = include.groups()
+        kind = "-c" if option in ("-c", "--constraint") else "-r"
+        lines.append(f"{kind} {target}")
+        lines += [f"{kind}: {n}" for n in _file_lines(resolved.parent / target, seen | {resolved})]
+    return lines
+
+
 def _requirements(requirements: Sequence[str] | str | os.PathLike[str] | None) -> tuple[list[str], list[str]]:
     """(installer arguments, normalized lines for the key). A path is a requirements file."""
     if requirements is None:
         return [], []
     if isinstance(requirements, (str, os.PathLike)):
         path = Path(requirements)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigurationError(
-                f"requirements={os.fspath(requirements)!r}: a requirements file path or a list of "
-                f"requirement strings is expected, and this file cannot be read ({exc.strerror})"
-            ) from None
-        lines = [n for n in map(_normalize, text.splitlines()) if n]
+        lines = _file_lines(path)
         return ["-r", str(path.resolve())], lines
     items = [str(r).split(" #", 1)[0].strip() for r in requirements]
     items = [r for r in items if r and not r.startswith("#")]
@@ -250,7 +277,7 @@ def ensure_virtualenv(
     Blocks while building, or while another process builds the same entry (it then reuses it).
 
     :param requirements: a list of requirement strings, or the path of a requirements file (its
-        normalized contents are hashed; files it includes with ``-r`` are not).
+        normalized contents are hashed, with those of the files it includes with ``-r``/``-c``).
     :param python: the base interpreter to build from (default: this one). Use the same Python
         minor version as this process to run callables in the result.
     :param system_site_packages: let the venv see the base interpreter's site-packages.

@@ -100,6 +100,31 @@ def test_requirements_file(tmp_path: Path, cache: Path) -> None:
     assert ensure_virtualenv(req, cache_dir=cache) == first
 
 
+def test_files_included_with_r_are_part_of_the_key(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "pins").mkdir()
+    base = tmp_path / "pins" / "base.txt"
+    base.write_text("six==1.16.0\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text("-r pins/base.txt\n")
+    first = ensure_virtualenv(req, cache_dir=cache)
+    assert ensure_virtualenv(req, cache_dir=cache).cache_hit
+    base.write_text("six==1.15.0\n")  # only the included file changes
+    second = ensure_virtualenv(req, cache_dir=cache)
+    assert not second.cache_hit
+    assert second != first
+    version = subprocess.run(
+        [second, "-c", "import six; print(six.__version__)"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.strip() == "1.15.0"
+
+
+def test_unreadable_included_file_is_named(tmp_path: Path, cache: Path) -> None:
+    req = tmp_path / "requirements.txt"
+    req.write_text("--requirement missing.txt\n")
+    with pytest.raises(ConfigurationError, match=r"missing\.txt"):
+        ensure_virtualenv(req, cache_dir=cache)
+
+
 @pytest.mark.integration
 def test_two_processes_build_once(tmp_path: Path) -> None:
     cache_dir, go = tmp_path / "cache", tmp_path / "go"
