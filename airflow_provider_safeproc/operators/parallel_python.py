@@ -67,6 +67,8 @@ class ParallelPythonOperator(_compat.BaseOperator):
         task. ``"continue"``: run every item, push the successful results to XCom under the key
         ``partial_results`` (None where an item failed), then fail the task with one summary of
         every failed item, so a downstream task with a suitable trigger rule can use them.
+        With ``do_xcom_push=False`` nothing is pushed (results can be large); the task log
+        still gets the run summary.
     :param start_method: ``"forkserver"``, ``"spawn"`` or ``"fork"``. None:
         ``[safeproc] start_method``, else a safe default (never fork from a threaded process).
     :param max_tasks_per_child: Replace a worker after this many items (leaky libraries).
@@ -147,7 +149,8 @@ class ParallelPythonOperator(_compat.BaseOperator):
             if self.on_item_error == "fail":
                 index, error = failures[0]
                 raise ItemFailedError(index, error) from error
-            context["ti"].xcom_push(key="partial_results", value=results)
+            if self.do_xcom_push:  # do_xcom_push=False: nothing at all goes to XCom
+                context["ti"].xcom_push(key="partial_results", value=results)
             raise PartialFailureError(failures, total=len(items))
         return results
 

@@ -148,6 +148,8 @@ def pp_errors():
         return [x for x in partial if x is not None]
 
     keep >> use_partial()
+    ParallelPythonOperator(task_id="quiet_keep_going", python_callable=fragile, iterable=list(range(10)),
+                           on_item_error="continue", do_xcom_push=False)
 
 pp_errors()
 """
@@ -156,8 +158,18 @@ pp_errors()
 
 def test_item_errors_fail_and_continue(airflow_dags, task_logs):
     result = airflow_dags.run(ERROR_DAG, "pp_errors")
-    result.assert_tasks({"fail_fast": "failed", "keep_going": "failed", "use_partial": "success"})
+    result.assert_tasks(
+        {
+            "fail_fast": "failed",
+            "keep_going": "failed",
+            "use_partial": "success",
+            "quiet_keep_going": "failed",
+        }
+    )
     assert result.xcom("keep_going", key="partial_results") == [0, 1, 2, None, 4, 5, 6, None, 8, 9]
+    # do_xcom_push=False: nothing at all in XCom, the summary still in the log.
+    for key in ("partial_results", "run_summary", "return_value"):
+        assert result.xcom("quiet_keep_going", key=key) is None
     assert result.xcom("use_partial") == [0, 1, 2, 4, 5, 6, 8, 9]
     out = task_logs()
     assert "2 of 10 items failed" in out
