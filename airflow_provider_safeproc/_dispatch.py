@@ -3,16 +3,7 @@ outcomes, exactly once per item.
 
 One thread owns every worker socket, the guardian's control socket and all bookkeeping, so
 none of it needs a lock; callers hand it work through a deque and a wake-up pipe. The rules
-that make each outcome exact (and never spurious):
-
-- An item's outcome is what its worker reported, read in order from the worker's socket.
-- A worker is declared dead only when the guardian reaped it (exit status known); its socket
-  is drained first, so every result it sent counts.
-- The status slot tells which item was running at death: that one fails (``WorkerLostError``,
-  or ``ItemTimeoutError`` if the pool killed it for its timeout) or is retried. Items of the
-  chunk that had not run, or had run without their result reaching us, are queued again.
-- A worker killed for a timeout that had in fact moved on to another item loses that item
-  through no fault of the item: it is queued again, not failed.
+that decide each item's outcome (results, failures, retries, deaths) live in ``_settle``.
 """
 
 from __future__ import annotations
@@ -28,19 +19,13 @@ import traceback
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_safeproc import _wire
+from airflow_provider_safeproc import _settle, _wire
 from airflow_provider_safeproc._jobs import Dispatch, Job
 from airflow_provider_safeproc._launch import GuardianHandle
-from airflow_provider_safeproc._worker import RAISED
-from airflow_provider_safeproc.errors import (
-    BrokenPoolError,
-    ItemTimeoutError,
-    SerializationError,
-    WorkerLostError,
-    describe_exit,
-)
+from airflow_provider_safeproc._settle import WorkerView as _Worker
+from airflow_provider_safeproc.errors import BrokenPoolError, describe_exit
 from airflow_provider_safeproc.reaper import kill_process_tree_now
-from airflow_provider_safeproc.serialization import loads, rebuild_exception
+from airflow_provider_safeproc.serialization import rebuild_exception
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,7 +34,6 @@ _READ_SIZE = 1 << 20
 _STARTUP_FAILURES_TO_BREAK = 3
 _EOF_WITHOUT_EXIT = 5.0  # s to wait for the guardian's exit report after a worker's EOF
 _QUIT_GRACE = 1.0
-_LOSSES_WITHOUT_CULPRIT = 3
 
 
 def _close_fds(*fds: int) -> None:
@@ -58,28 +42,6 @@ def _close_fds(*fds: int) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-class _Worker:
-    """The pool's view of one worker process."""
-
-    def __init__(self, key: int, sock: socket.socket, out_fd: int, status_fd: int) -> None:
-        self.key = key
-        self.sock = sock
-        self.out_fd: int | None = out_fd
-        self.status = _wire.StatusSlot(status_fd)
-        self.frames = _wire.FrameBuffer()
-        self.out_partial = b""
-        self.pid: int | None = None
-        self.state = "starting"  # -> idle <-> busy; -> closing (retiring, killed, EOF)
-        self.dispatch: Dispatch | None = None
-        self.seq = 0
-        self.reported = 0  # positions[:reported] of the dispatch have their results here
-        self.fns: set[int] = set()
-        self.kill_reason: str | None = None
-        self.timed_out: tuple[int, int] | None = None
-        self.eof_at: float | None = None
-        self.ever_ready = False
 
 
 class PoolCore:
@@ -450,61 +412,20 @@ class PoolCore:
                 self.broken = error
 
     def _on_results(self, worker: _Worker, meta: tuple[Any, ...], blob: bytes) -> None:
-        _, seq, k_start, final, rest, retire = meta
-        dispatch = worker.dispatch
-        if dispatch is None or seq != worker.seq:
+        follow = _settle.Followup()
+        job = _settle.results(worker, meta, blob, follow)
+        self._follow(follow)
+        if job is None:
             return
-        job = dispatch.job
-        values, exceptions = loads(blob)
-        positions = dispatch.positions
-        k_end = k_start + len(values)
-        worker.reported = k_end
-        if values and not exceptions and positions[k_end - 1] - positions[k_start] == k_end - 1 - k_start:
-            job.record_values(dispatch.index(positions[k_start]), values, worker.pid)
-        else:
-            for k in range(k_start, k_end):
-                if k not in exceptions:
-                    job.record(dispatch.index(positions[k]), True, values[k - k_start], pid=worker.pid)
-        for k, (kind, payload) in exceptions.items():
-            self._item_failed(worker, dispatch, positions[k], kind, payload)
-        if final:
-            left = list(positions[k_end:])
-            worker.reported = len(positions)
-            if rest == "cancelled":
-                job.record_cancelled([dispatch.index(p) for p in left])
-            elif rest == "unrun" and left:
-                self.pending.appendleft(Dispatch(job, dispatch.chunk, left))
-            worker.dispatch = None
-            worker.state = "closing" if retire or worker.state == "closing" else "idle"
-        job.publish()
         if job.cancelled:
             self._cancel_job(job)
         self._forget_if_complete(job)
 
-    def _item_failed(self, worker: _Worker, dispatch: Dispatch, pos: int, kind: int, payload: Any) -> None:
-        job = dispatch.job
-        index = dispatch.index(pos)
-        tag = job.tag_offset + index
-        if kind == RAISED:
-            error = rebuild_exception(payload, item=tag)
-            if job.may_retry(index):
-                self._retry(job, index, error)
-                job.pids.add(worker.pid)
-                self.pending.appendleft(Dispatch(job, dispatch.chunk, [pos]))
-                return
-        else:
-            type_name, reason = payload
-            error = SerializationError("result", type_name, reason, item=tag)
-        job.record(index, False, error, pid=worker.pid)
-
-    def _retry(self, job: Job, index: int, error: BaseException) -> None:
-        """Count a retry of ``index`` and say so in the log: a retried item is not silent."""
-        job.note_retry(index)
-        failed = job.attempts(index) - 1
-        self._emit(
-            f"[item {job.tag_offset + index}] attempt {failed} of {job.retries + 1} failed "
-            f"({type(error).__name__}: {error}); retrying"
-        )
+    def _follow(self, follow: _settle.Followup) -> None:
+        for dispatch in follow.requeue:
+            self.pending.appendleft(dispatch)
+        for line in follow.lines:
+            self._emit(line)
 
     def _on_worker_exit(self, worker: _Worker, exitcode: int) -> None:
         """The guardian reaped ``worker``: settle what it was doing, then forget it."""
@@ -512,63 +433,19 @@ class PoolCore:
         if worker.out_fd is not None:
             self._read_output(worker)
             self._forward_output(worker, None, final=True)
-        dispatch = worker.dispatch
-        if dispatch is not None:
-            self._settle_lost(worker, dispatch, exitcode)
+        if worker.dispatch is not None:
+            self._settle_lost(worker, exitcode)
         elif not worker.ever_ready and self.broken is None and not self.shutdown_requested:
             self._startup_failed(f"worker {worker.pid} exited before it was ready: {describe_exit(exitcode)}")
         self._remove(worker)
 
-    def _settle_lost(self, worker: _Worker, dispatch: Dispatch, exitcode: int) -> None:
-        job = dispatch.job
-        remaining = list(dispatch.positions[worker.reported :])
-        worker.dispatch = None
-        if self.killed or self.terminate_requested:
-            # The pool itself ended this worker: that, not the worker, is what the items met.
-            reason = "killed" if self.killed else "terminated"
-            for p in remaining:
-                error = BrokenPoolError(f"the pool was {reason} before the item finished")
-                job.record(dispatch.index(p), False, error, pid=worker.pid)
-            job.publish()
-            self._forget_if_complete(job)
-            return
-        seq, pos, running, segment, _ = worker.status.read()
-        ours = seq == worker.seq
-        culprit = pos if running and ours and not segment and pos in remaining else None
-        # Died inside a segment of tiny items: which one ran is unknown, so none fails; the
-        # rest runs again with a stamp per item, which pins a culprit that kills again.
-        precise = dispatch.precise or (running and ours and segment)
-        requeue = [p for p in remaining if p != culprit]
-        if culprit is not None:
-            index = dispatch.index(culprit)
-            tag = job.tag_offset + index
-            error: BaseException | None
-            if worker.kill_reason == "timeout" and worker.timed_out == (seq, culprit):
-                error = ItemTimeoutError(item=tag, timeout=self.item_timeout, pid=worker.pid)
-            elif worker.kill_reason is not None:
-                error = None  # killed by us for something it did not do: run it again
-                requeue.insert(0, culprit)
-            else:
-                error = WorkerLostError(pid=worker.pid, exitcode=exitcode, item=tag)
-            if error is not None:
-                job.pids.add(worker.pid)
-                if job.may_retry(index):
-                    self._retry(job, index, error)
-                    requeue.insert(0, culprit)
-                else:
-                    job.record(index, False, error, pid=worker.pid)
-        # Count deaths before any item of the dispatch even started (a chunk whose unpickling
-        # kills the worker would otherwise be sent again forever).
-        losses = dispatch.losses + 1 if not ours else 0
-        if requeue and losses > _LOSSES_WITHOUT_CULPRIT:
-            for p in requeue:
-                lost = WorkerLostError(
-                    pid=worker.pid, exitcode=exitcode, item=job.tag_offset + dispatch.index(p)
-                )
-                job.record(dispatch.index(p), False, lost, pid=worker.pid)
-        elif requeue:
-            self.pending.appendleft(Dispatch(job, dispatch.chunk, requeue, losses, precise))
-        job.publish()
+    def _settle_lost(self, worker: _Worker, exitcode: int) -> None:
+        follow = _settle.Followup()
+        ended_by_pool = "killed" if self.killed else "terminated" if self.terminate_requested else None
+        job = _settle.lost(
+            worker, exitcode, ended_by_pool=ended_by_pool, item_timeout=self.item_timeout, follow=follow
+        )
+        self._follow(follow)
         self._forget_if_complete(job)
 
     def _startup_failed(self, reason: str) -> None:

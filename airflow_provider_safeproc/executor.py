@@ -10,7 +10,8 @@ How it is built (module by module):
   (fork of a lean interpreter by default), reaps them, and ends their whole process tree
   when the pool ends or the caller dies, even by SIGKILL.
 - ``_worker``: the worker loop; it never imports ``__main__`` or ``airflow``.
-- ``_dispatch``: the dispatcher thread that turns worker reports into outcomes, once each.
+- ``_dispatch``: the dispatcher thread: sockets, queues, worker start and timeouts.
+- ``_settle``: the rules that turn worker reports and deaths into outcomes, once each.
 - ``_jobs``: jobs, chunks, outcomes, the summary of a map.
 - ``reaper``, ``serialization``, ``errors``, ``cpu``: shared with the fresh-interpreter runner.
 

@@ -7,7 +7,7 @@ named after the worker's pid. Then:
 
 - outcomes come in input order, each index exactly once;
 - a value is reported only for an item that ended, a ``WorkerLostError`` only for an item
-  with a run that started in that very worker and never ended, after that worker is dead.
+  with a run that started in that very worker, after that worker is dead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 from tests.harness.daemon import run_in_daemon
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# A few seconds in `make test`; SAFEPROC_PROPERTY_EXAMPLES=200 for a long hunt.
+EXAMPLES = int(os.environ.get("SAFEPROC_PROPERTY_EXAMPLES", "14"))
 
 
 def _scenario(plan, chunksize, kill_delays_ms, retries, marks):
@@ -99,7 +102,7 @@ plans = st.lists(
 )
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     plan=plans,
     chunksize=st.integers(2, 6),
@@ -134,9 +137,10 @@ def test_each_outcome_once_in_order_and_never_spurious(
             assert behaviour == "die" or kill_delays_ms, outcome
             pid = outcome["pid"]
             assert outcome["dead_when_reported"], outcome
-            unfinished = {(i, p, run) for i, p, run in starts if (i, p) == (index, pid)} - ends
-            assert unfinished, (
-                f"item {index} reported lost in worker {pid}, where no run of it was unfinished"
-            )
+            # A run that wrote its end marker can still be lost: the worker may die after the
+            # marker, before the item's result leaves it. What must never happen is a loss
+            # pinned on a worker where the item did not run, or reported while that worker lived.
+            runs_there = {(i, p, run) for i, p, run in starts if (i, p) == (index, pid)}
+            assert runs_there, f"item {index} reported lost in worker {pid}, where it never started"
         if behaviour == "die":
             assert not outcome["ok"]
