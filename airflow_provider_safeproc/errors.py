@@ -187,11 +187,15 @@ class TaskContextUnavailableError(SafeprocError, RuntimeError):
     resolves the value and passes it in.
     """
 
-    def __init__(self, call: str) -> None:
+    def __init__(self, call: str, *, advice: str | None = None) -> None:
         super().__init__(
             f"{call} is not available in a safeproc worker process: workers are not Airflow task "
-            "processes and have no access to Variables, Connections or XComs. Resolve the value in "
-            "the task and pass it to the callable, e.g. op_kwargs={'token': '{{ var.value.token }}'}, "
-            "'{{ conn.my_conn.password }}', or an upstream task's output."
+            "processes and have no access to Variables, Connections, XComs or the task context. "
+            + (
+                advice
+                or "Resolve the value in the task and pass it to the callable, e.g. "
+                "op_kwargs={'token': '{{ var.value.token }}'}, '{{ conn.my_conn.password }}', "
+                "or an upstream task's output."
+            )
         )
         self.call = call

@@ -36,6 +36,12 @@ WORKER_ENVIRONMENT = {"PYTHON_OPERATORS_VIRTUAL_ENV_MODE": "1"}
 _VARIABLE_MODEL = ("get", "set", "update", "delete", "setdefault", "get_variable_from_secrets")
 _XCOM_MODEL = ("set", "get_value", "get_one", "get_many", "delete", "clear", "purge")
 
+_CURRENT_CONTEXT = ("", "get_current_context", "get_current_context({})")
+_CONTEXT_ADVICE = (
+    "Name the context values the callable needs (ds, logical_date, run_id, params, dag_run...) "
+    "as its parameters: the operator passes them as plain values."
+)
+
 #: module -> (owner, attribute, the call as the user sees it; ``{}`` gets the key or conn_id).
 #: Owner "" is the module itself. Entries absent from the installed Airflow version are skipped.
 _ENTRY_POINTS: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -60,6 +66,11 @@ _ENTRY_POINTS: dict[str, tuple[tuple[str, str, str], ...]] = {
         *(("BaseXCom", name, f"XCom.{name}({{}})") for name in _XCOM_MODEL),
         *(("XComModel", name, f"XCom.{name}({{}})") for name in _XCOM_MODEL),
     ),
+    # get_current_context(): the task context exists in the task process only.
+    "airflow.sdk": (_CURRENT_CONTEXT,),  # Airflow 3's lazy export, once cached
+    "airflow.sdk.definitions.context": (_CURRENT_CONTEXT,),
+    "airflow.providers.standard.operators.python": (_CURRENT_CONTEXT,),
+    "airflow.operators.python": (_CURRENT_CONTEXT,),  # Airflow 2
 }
 # Airflow 3: XComs and every other request go through this object; a stand-in refuses them.
 _SUPERVISOR_MODULE = "airflow.sdk.execution_time.task_runner"
@@ -68,11 +79,12 @@ _NAMING_KEYWORDS = ("key", "conn_id", "task_ids", "task_id")
 
 
 def _error(call: str) -> Exception:
+    advice = _CONTEXT_ADVICE if call.startswith("get_current_context") else None
     try:
         from airflow_provider_safeproc.errors import TaskContextUnavailableError
     except ImportError:  # loaded by path in an interpreter without this package
         return RuntimeError(f"{call} is not available in a worker process: resolve it in the task")
-    return TaskContextUnavailableError(call)
+    return TaskContextUnavailableError(call, advice=advice)
 
 
 def _describe(call: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
@@ -93,7 +105,7 @@ def _refuser(call: str, skip: int) -> Callable[..., Any]:
 
 
 def _replace(owner: Any, name: str, call: str) -> None:
-    raw = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+    raw = vars(owner).get(name)  # never getattr: a module's lazy export would import it
     if raw is None or getattr(raw, "__safeproc_refused__", False):
         return
     if isinstance(raw, classmethod):

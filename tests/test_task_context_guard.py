@@ -41,6 +41,10 @@ def get_xcom(_: object) -> object:
     return airflow_objects.xcom_class().get_one(key="k", dag_id="d", task_id="t", run_id="r")
 
 
+def get_context(_: object) -> object:
+    return airflow_objects.get_current_context()
+
+
 def airflow_modules(_: object) -> list[str]:
     import sys
 
@@ -58,6 +62,7 @@ CALLS = {
     get_variable_with_default: f"Variable.get('{VARIABLE}') is not available",
     get_connection: f"Getting the connection '{CONNECTION}'",
     get_xcom: "XCom",
+    get_context: "get_current_context() is not available",
 }
 
 
@@ -77,7 +82,8 @@ def test_task_context_in_a_worker_raises_a_clear_error(stored_objects, start_met
                 futures[fn].result(timeout=120)
             message = str(info.value)
             assert expected in message, message
-            assert "Resolve the value in the task and pass it to the callable" in message
+            advice = "Name the context values" if fn is get_context else "Resolve the value in the task"
+            assert advice in message
 
 
 def test_the_error_is_ours_and_survives_pickling():

@@ -47,3 +47,11 @@ def store_connection(conn_id: str, uri: str) -> None:
     with create_session() as session:
         session.query(Connection).filter(Connection.conn_id == conn_id).delete()
         session.add(Connection(conn_id=conn_id, uri=uri))
+
+
+def get_current_context() -> Any:
+    try:
+        from airflow.sdk import get_current_context
+    except ImportError:  # Airflow 2
+        from airflow.operators.python import get_current_context
+    return get_current_context()
