@@ -4,6 +4,7 @@
 #   make test PYTHON=3.12           the same on Python 3.12 (fork-with-threads warnings are errors)
 #   make test-airflow2              the suite on Airflow 2.11
 #   make e2e                        real deployments: Redis + CeleryExecutor, LocalExecutor
+#   make e2e-airflow2               a real Airflow 2.11 LocalExecutor deployment on PostgreSQL
 #   make demo                       run the example gallery in real Airflow, print a table
 #   make lint / make lock / make bench
 
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: install test test-airflow2 e2e demo lint bench lock clean
+.PHONY: install test test-airflow2 e2e e2e-airflow2 demo lint bench lock clean
 
 $(UV): requirements/uv.txt
 	python3 -m venv $(TOOLS)
@@ -46,6 +47,9 @@ test-airflow2:
 
 e2e: install
 	$(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+
+e2e-airflow2:
+	$(MAKE) e2e AIRFLOW=2
 
 demo: install
 	$(PY) scripts/demo.py

@@ -47,6 +47,7 @@ class Server:
     name: str
     argv: list[str]
     log_path: Path
+    user: str | None = None  # run as this user (PostgreSQL refuses to run as root)
     popen: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str], cwd: Path) -> Server:
@@ -60,6 +61,7 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_test_process,
+                user=self.user,
             )
         return self
 

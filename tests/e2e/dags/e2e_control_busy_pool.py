@@ -18,8 +18,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
+try:  # Airflow 3
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2 (the LocalExecutor run on PostgreSQL)
+    from airflow import DAG
+    from airflow.operators.python import PythonOperator
 
 # "billiard": a bare billiard.Process per item, no cleanup (what users write today);
 # "safeproc": airflow_provider_safeproc's ParallelPythonOperator.

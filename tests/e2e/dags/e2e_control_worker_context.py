@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG
+try:
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2
+    from airflow import DAG
 
 from airflow_provider_safeproc.operators import ParallelPythonOperator
 
@@ -24,7 +27,10 @@ def with_token(item: int, token: str) -> str:
 
 
 def ask_for_token(item: int) -> str:
-    from airflow.sdk import Variable
+    try:
+        from airflow.sdk import Variable
+    except ImportError:  # Airflow 2
+        from airflow.models import Variable
 
     return f"{item}:{Variable.get(TOKEN_VARIABLE)}"
 

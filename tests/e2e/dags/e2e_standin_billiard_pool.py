@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
+try:  # Airflow 3
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2 (the LocalExecutor run on PostgreSQL)
+    from airflow import DAG
+    from airflow.operators.python import PythonOperator
 
 
 def _square_into(conn, value: int) -> None:

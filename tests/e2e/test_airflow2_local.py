@@ -1,0 +1,103 @@
+"""The gallery and the controls on a real Airflow 2 LocalExecutor (PostgreSQL), where tasks are daemonic.
+
+Run with the Airflow 2 environment: ``make e2e-airflow2``. One deployment for the module; every
+gallery DAG and the control DAGs are triggered together, as in the Airflow 3 runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import report
+from tests.e2e.airflow2_local import Airflow2Local
+from tests.e2e.gallery import (
+    BATCH_VARIABLES,
+    DAEMON_FLAG_DAG,
+    REPO,
+    RUN_TIMEOUT_S,
+    STDLIB_POOL_DAG,
+    WORKER_CONTEXT_DAG,
+    deployment_sources,
+    gallery_files,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+EXECUTOR = "airflow2-local"
+E2E_ROOT = Path(os.environ.get("SAFEPROC_E2E_DIR") or REPO / ".e2e")
+DAEMONIC_ERROR = "daemonic processes are not allowed to have children"
+
+
+def _dag_ids(path: Path) -> list[str]:
+    """The DAG ids a gallery file defines, read the way the tests for dag.test() do: parse it."""
+    from airflow_provider_safeproc import _compat
+
+    return sorted(_compat.dag_bag(path).dags)
+
+
+@pytest.fixture(scope="module")
+def outcome() -> Iterator[dict[str, Any]]:
+    deployment = Airflow2Local.start(deployment_sources(), E2E_ROOT)
+    try:
+        gallery = {path.name: _dag_ids(path) for path in gallery_files()}
+        wanted = sorted(
+            {d for ids in gallery.values() for d in ids}
+            | {DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG}
+        )
+        result = deployment.run(wanted, variables=BATCH_VARIABLES, timeout=RUN_TIMEOUT_S)
+        result["gallery"] = gallery
+        result["scheduler_log"] = deployment.scheduler_log()
+        for dag_id, run in sorted(result["runs"].items()):
+            report.record(EXECUTOR, f"  {dag_id}: {run['state']}")
+        yield result
+    finally:
+        deployment.stop()
+    if not os.environ.get("SAFEPROC_E2E_KEEP"):
+        shutil.rmtree(deployment.root, ignore_errors=True)
+
+
+def _details(outcome: dict[str, Any], dag_id: str) -> str:
+    run = outcome["runs"].get(dag_id)
+    if run is None:
+        return f"{dag_id} never ran; import errors: {outcome['import_errors']}\n{outcome['scheduler_log']}"
+    parts = [f"{dag_id}: {run['state']} {run['tasks']}"]
+    for key, state in run["tasks"].items():
+        if state != "success":
+            parts.append(f"--- {key}: {state}\n" + "\n".join(run["logs"][key].splitlines()[-60:]))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("dag_file", gallery_files(), ids=lambda p: p.name)
+def test_every_dag_of_the_file_succeeds(outcome, dag_file):
+    assert dag_file.name not in outcome["import_errors"], outcome["import_errors"][dag_file.name]
+    for dag_id in outcome["gallery"][dag_file.name]:
+        run = outcome["runs"].get(dag_id)
+        assert run is not None, _details(outcome, dag_id)
+        assert run["state"] == "success", _details(outcome, dag_id)
+        assert set(run["tasks"].values()) <= {"success", "skipped"}, _details(outcome, dag_id)
+
+
+def test_task_processes_are_daemonic_and_the_stdlib_pool_fails(outcome):
+    facts_run = outcome["runs"][DAEMON_FLAG_DAG]
+    assert facts_run["state"] == "success", _details(outcome, DAEMON_FLAG_DAG)
+    log = facts_run["logs"]["report_process_facts"]
+    assert "'daemon': True" in log, log
+    report.record(EXECUTOR, "task process daemonic: yes")
+    stdlib = outcome["runs"][STDLIB_POOL_DAG]
+    assert stdlib["tasks"] == {"stdlib_process_pool": "failed"}, _details(outcome, STDLIB_POOL_DAG)
+    assert DAEMONIC_ERROR in stdlib["logs"]["stdlib_process_pool"]
+    report.record(EXECUTOR, f"stdlib ProcessPoolExecutor in a PythonOperator: fails ({DAEMONIC_ERROR})")
+
+
+def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(outcome):
+    run = outcome["runs"][WORKER_CONTEXT_DAG]
+    expected = {"resolve_in_task": "success", "ask_in_worker": "failed", "worker_sockets": "success"}
+    assert run["tasks"] == expected, _details(outcome, WORKER_CONTEXT_DAG)
+    log = run["logs"]["ask_in_worker"]
+    assert "Variable.get('safeproc_e2e_token') is not available in a safeproc worker process" in log, log
