@@ -43,8 +43,9 @@ class ParallelPythonOperator(_compat.BaseOperator):
     The return value (pushed to XCom) is the list of results in input order. Workers are fresh
     interpreters that never import Airflow: the callable, its arguments and results travel with
     cloudpickle, so lambdas, closures and functions defined in DAG files work. Workers are not
-    task processes: ``Variable.get``, connections and XComs raise ``TaskContextUnavailableError``
-    inside the callable. Resolve them in the task (templates, upstream tasks) and pass the values.
+    task processes: ``Variable.get``, connections, XComs and ``get_current_context()`` raise
+    ``TaskContextUnavailableError`` inside the callable. Resolve them in the task (templates,
+    upstream tasks) and pass the values; name context values as parameters.
 
     :param python_callable: Called once per item as ``python_callable(item, *op_args, **op_kwargs)``.
         Context values that serialize (``ds``, ``logical_date``, ``run_id``, ``params``,
