@@ -1,10 +1,14 @@
-"""Run in an Airflow 2 deployment's environment: trigger DAGs, wait for them, print JSON.
+"""Run in an Airflow 2 deployment's environment: drive DAG runs through Airflow's own API.
 
-``python airflow2_driver.py '<dag ids>' <timeout s> '<variables>'`` sets the Variables, waits
-until the scheduler has parsed every DAG (or reports it as an import error), triggers one run
-of each, waits for all of them to finish and prints, as JSON on the last line: per DAG its run's
-state, its task instances' states and the text of their logs; plus the import errors. One
-process does it all, through Airflow's own API: no CLI call per DAG (seconds each).
+Each command prints its answer as JSON on the last line:
+
+- ``batch '<dag ids>' <timeout s> '<variables>'``: set the Variables, wait until the scheduler
+  has parsed every DAG, trigger one run of each, wait for all of them; per DAG its run's state,
+  its task instances' states and the text of their logs, plus the import errors. One process
+  does it all: no CLI call per DAG (seconds each).
+- ``trigger <dag id> '<conf>'``: the run id of a new run.
+- ``task-instance <dag id> <run id> <task id>``: its state and pid.
+- ``set-state <dag id> <run id> <task id> <state>``: as "mark failed" in the UI does.
 """
 
 from __future__ import annotations
@@ -97,6 +101,41 @@ def main(dag_ids: list[str], timeout: float, variables: dict[str, str]) -> dict[
     }
 
 
+def _task_instance(session: Any, dag_id: str, run_id: str, task_id: str) -> TaskInstance | None:
+    query = session.query(TaskInstance).filter(
+        TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id
+    )
+    return query.one_or_none()
+
+
+def task_instance(dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+    with create_session() as session:
+        ti = _task_instance(session, dag_id, run_id, task_id)
+        if ti is None:
+            return {"state": None, "pid": None}
+        return {"state": None if ti.state is None else str(ti.state), "pid": ti.pid}
+
+
+def set_state(dag_id: str, run_id: str, task_id: str, state: str) -> dict[str, Any]:
+    with create_session() as session:
+        ti = _task_instance(session, dag_id, run_id, task_id)
+        if ti is None:
+            raise SystemExit(f"no task instance {dag_id}.{task_id} in run {run_id}")
+        ti.set_state(state, session=session)
+    return {"state": state}
+
+
 if __name__ == "__main__":
-    result = main(json.loads(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]))
+    command, *args = sys.argv[1:]
+    if command == "batch":
+        result: Any = main(json.loads(args[0]), float(args[1]), json.loads(args[2]))
+    elif command == "trigger":
+        run = trigger_dag(args[0], conf=json.loads(args[1]))
+        result = run.run_id if run is not None else None
+    elif command == "task-instance":
+        result = task_instance(*args)
+    elif command == "set-state":
+        result = set_state(*args)
+    else:
+        raise SystemExit(f"unknown command {command!r}")
     print(json.dumps(result))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.deployment import STATE_DIR_VAR
 from tests.e2e.servers import DEPLOYMENT_TAG_VAR, Server, free_port, kill_processes, processes_with_env
 
 PARALLELISM = 4
@@ -64,6 +65,7 @@ class Airflow2Local:
         env.update(
             {
                 DEPLOYMENT_TAG_VAR: self.deployment_id,
+                STATE_DIR_VAR: str(self.state_dir),
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.home / "dags"),
@@ -157,17 +159,35 @@ class Airflow2Local:
             )
         return done.stdout
 
+    def _driver(self, *args: str, timeout: float = 120) -> Any:
+        out = self._run("python", str(_DRIVER), *args, timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
     def run(self, dag_ids: list[str], *, variables: dict[str, str], timeout: float) -> dict[str, Any]:
         """Trigger one run of each DAG, wait for all of them; what ``airflow2_driver`` printed."""
-        out = self._run(
-            "python",
-            str(_DRIVER),
-            json.dumps(dag_ids),
-            str(timeout),
-            json.dumps(variables),
-            timeout=timeout + 120,
+        return self._driver(
+            "batch", json.dumps(dag_ids), str(timeout), json.dumps(variables), timeout=timeout + 120
         )
-        return json.loads(out.strip().splitlines()[-1])
+
+    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
+        return self._driver("trigger", dag_id, json.dumps(conf))
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return self._driver("task-instance", dag_id, run_id, task_id)
+
+    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
+        self._driver("set-state", dag_id, run_id, task_id, state)
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
+        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+        return "\n".join(p.read_text(errors="replace") for p in sorted(folder.glob("attempt=*.log")))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def scheduler_pid(self) -> int:
+        return next(s.pid for s in self.servers if s.name == "scheduler")
 
     def scheduler_log(self, lines: int = 40) -> str:
         return next((s.tail(lines) for s in self.servers if s.name == "scheduler"), "(no scheduler)")

@@ -26,6 +26,7 @@ from tests.e2e.gallery import (
     deployment_sources,
     gallery_files,
 )
+from tests.e2e.kill import TaskControl, check_marking_failed_ends_every_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -42,24 +43,28 @@ def _dag_ids(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def outcome() -> Iterator[dict[str, Any]]:
-    deployment = Airflow2Local.start(deployment_sources(), E2E_ROOT)
+def deployment() -> Iterator[Airflow2Local]:
+    deployed = Airflow2Local.start(deployment_sources(), E2E_ROOT)
     try:
-        gallery = {path.name: _dag_ids(path) for path in gallery_files()}
-        wanted = sorted(
-            {d for ids in gallery.values() for d in ids}
-            | {DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG}
-        )
-        result = deployment.run(wanted, variables=BATCH_VARIABLES, timeout=RUN_TIMEOUT_S)
-        result["gallery"] = gallery
-        result["scheduler_log"] = deployment.scheduler_log()
-        for dag_id, run in sorted(result["runs"].items()):
-            report.record(EXECUTOR, f"  {dag_id}: {run['state']}")
-        yield result
+        yield deployed
     finally:
-        deployment.stop()
+        deployed.stop()
     if not os.environ.get("SAFEPROC_E2E_KEEP"):
-        shutil.rmtree(deployment.root, ignore_errors=True)
+        shutil.rmtree(deployed.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def outcome(deployment: Airflow2Local) -> dict[str, Any]:
+    gallery = {path.name: _dag_ids(path) for path in gallery_files()}
+    wanted = sorted(
+        {d for ids in gallery.values() for d in ids} | {DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG}
+    )
+    result = deployment.run(wanted, variables=BATCH_VARIABLES, timeout=RUN_TIMEOUT_S)
+    result["gallery"] = gallery
+    result["scheduler_log"] = deployment.scheduler_log()
+    for dag_id, run in sorted(result["runs"].items()):
+        report.record(EXECUTOR, f"  {dag_id}: {run['state']}")
+    return result
 
 
 def _details(outcome: dict[str, Any], dag_id: str) -> str:
@@ -101,3 +106,18 @@ def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(outcome):
     assert run["tasks"] == expected, _details(outcome, WORKER_CONTEXT_DAG)
     log = run["logs"]["ask_in_worker"]
     assert "Variable.get('safeproc_e2e_token') is not available in a safeproc worker process" in log, log
+
+
+def test_marking_the_task_failed_leaves_no_process(deployment, outcome):
+    """As on Airflow 3: the task is marked failed while its pool is busy; nothing may survive."""
+    check_marking_failed_ends_every_process(
+        TaskControl(
+            executor=EXECUTOR,
+            executor_server_pid=deployment.scheduler_pid(),
+            state_dir=deployment.state_dir,
+            trigger=deployment.trigger,
+            task_instance=deployment.task_instance,
+            set_task_state=deployment.set_task_state,
+            task_log=deployment.task_log,
+        )
+    )
