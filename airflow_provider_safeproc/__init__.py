@@ -6,7 +6,9 @@ import ``airflow`` (a test enforces it). Public names are resolved lazily on fir
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from airflow_provider_safeproc._lazy import lazy_exports
 
 __version__ = "0.1.0.dev0"
 
@@ -52,16 +54,4 @@ if TYPE_CHECKING:
     from airflow_provider_safeproc.virtualenv_cache import ensure_virtualenv
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

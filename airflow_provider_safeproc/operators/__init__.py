@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from airflow_provider_safeproc._lazy import lazy_exports
 
 __all__ = ["ParallelPythonOperator", "ProcessPoolOperator"]
 
@@ -16,12 +18,4 @@ if TYPE_CHECKING:
     from airflow_provider_safeproc.operators.process_pool import ProcessPoolOperator
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
