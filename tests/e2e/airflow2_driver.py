@@ -9,6 +9,7 @@ Each command prints its answer as JSON on the last line:
 - ``trigger <dag id> '<conf>'``: the run id of a new run.
 - ``task-instance <dag id> <run id> <task id>``: its state and pid.
 - ``set-state <dag id> <run id> <task id> <state>``: as "mark failed" in the UI does.
+- ``task-log <dag id> <run id> <task id>``: the text of its log files.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ if __name__ == "__main__":
         result = task_instance(*args)
     elif command == "set-state":
         result = set_state(*args)
+    elif command == "task-log":
+        result = _task_log(*args, map_index=-1)
     else:
         raise SystemExit(f"unknown command {command!r}")
     print(json.dumps(result))

@@ -19,23 +19,16 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.deployment import STATE_DIR_VAR
+from tests.e2e.deployment import VENV_BIN, DeploymentError, airflow_environment
 from tests.e2e.servers import DEPLOYMENT_TAG_VAR, Server, free_port, kill_processes, processes_with_env
 
-PARALLELISM = 4
-_BIN = Path(sys.executable).parent
 _DRIVER = Path(__file__).with_name("airflow2_driver.py")
-
-
-class DeploymentError(RuntimeError):
-    pass
 
 
 def _postgres_bin(name: str) -> str:
@@ -50,6 +43,7 @@ class Airflow2Local:
     root: Path
     pg_port: int = field(default_factory=free_port)
     deployment_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))  # one for every process
     servers: list[Server] = field(default_factory=list)
     pg_dir: Path | None = None
     # PostgreSQL refuses to run as root: then it runs as this user, on a folder it owns.
@@ -60,29 +54,18 @@ class Airflow2Local:
         return self.root / "home"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SAFEPROC_"))}
-        env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
-        env.update(
-            {
-                DEPLOYMENT_TAG_VAR: self.deployment_id,
-                STATE_DIR_VAR: str(self.state_dir),
-                "AIRFLOW_HOME": str(self.home),
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__CORE__DAGS_FOLDER": str(self.home / "dags"),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-                "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
-                "AIRFLOW__CORE__FERNET_KEY": "",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
-                    f"postgresql+psycopg2://postgres@127.0.0.1:{self.pg_port}/airflow"
-                ),
-                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
-                "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        return airflow_environment(
+            deployment_id=self.deployment_id,
+            state_dir=self.state_dir,
+            home=self.home,
+            dags_folder=self.home / "dags",
+            executor="LocalExecutor",
+            sql_alchemy_conn=f"postgresql+psycopg2://postgres@127.0.0.1:{self.pg_port}/airflow",
+            settings={
                 "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-                "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_hex(16),
-            }
+                "AIRFLOW__WEBSERVER__SECRET_KEY": self.secret_key,
+            },
         )
-        return env
 
     @classmethod
     def start(cls, dag_files: list[Path], root: Path) -> Airflow2Local:
@@ -107,7 +90,7 @@ class Airflow2Local:
         self._run("airflow", "db", "migrate", timeout=300)
         scheduler = Server(
             "scheduler",
-            [str(_BIN / "airflow"), "scheduler", "--skip-serve-logs"],
+            [str(VENV_BIN / "airflow"), "scheduler", "--skip-serve-logs"],
             self.root / "scheduler.log",
         )
         self.servers.append(scheduler.start(self.env(), self.home))
@@ -149,7 +132,7 @@ class Airflow2Local:
         )
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> str:
-        argv = [str(_BIN / program) if (_BIN / program).exists() else program, *args]
+        argv = [str(VENV_BIN / program) if (VENV_BIN / program).exists() else program, *args]
         done = subprocess.run(
             argv, env=self.env(), cwd=self.root, capture_output=True, text=True, timeout=timeout
         )
@@ -179,8 +162,7 @@ class Airflow2Local:
         self._driver("set-state", dag_id, run_id, task_id, state)
 
     def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
-        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
-        return "\n".join(p.read_text(errors="replace") for p in sorted(folder.glob("attempt=*.log")))
+        return self._driver("task-log", dag_id, run_id, task_id)
 
     @property
     def state_dir(self) -> Path:

@@ -44,11 +44,47 @@ STATE_DIR_VAR = "SAFEPROC_E2E_STATE_DIR"
 EXECUTORS = {"celery": "CeleryExecutor", "local": "LocalExecutor"}
 CELERY_CONCURRENCY = 2
 PARALLELISM = 4
-_BIN = Path(sys.executable).parent
+VENV_BIN = Path(sys.executable).parent  # airflow, python: the test environment's own
 
 
 class DeploymentError(RuntimeError):
     pass
+
+
+def airflow_environment(
+    *,
+    deployment_id: str,
+    state_dir: Path,
+    home: Path,
+    dags_folder: Path,
+    executor: str,
+    sql_alchemy_conn: str,
+    settings: dict[str, str],
+) -> dict[str, str]:
+    """A deployment's environment: the caller's minus any Airflow setting, the settings every
+    deployment shares (tag, state folder, no examples, unpaused DAGs, no health server), then
+    ``settings``. Airflow 2 and 3 deployments both use it.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SAFEPROC_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        {
+            DEPLOYMENT_TAG_VAR: deployment_id,
+            STATE_DIR_VAR: str(state_dir),
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__EXECUTOR": executor,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
+            "AIRFLOW__CORE__FERNET_KEY": "",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn,
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            **settings,
+        }
+    )
+    return env
 
 
 @dataclass
@@ -86,37 +122,28 @@ class Deployment:
 
     def env(self) -> dict[str, str]:
         """The servers' environment: the caller's, minus any Airflow setting, plus ours."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SAFEPROC_"))}
-        env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
-        env.update(
-            {
-                DEPLOYMENT_TAG_VAR: self.deployment_id,
-                STATE_DIR_VAR: str(self.state_dir),
-                "AIRFLOW_HOME": str(self.home),
-                "AIRFLOW__CORE__EXECUTOR": EXECUTORS[self.executor],
-                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-                "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
-                "AIRFLOW__CORE__FERNET_KEY": "",
+        return airflow_environment(
+            deployment_id=self.deployment_id,
+            state_dir=self.state_dir,
+            home=self.home,
+            dags_folder=self.dags_folder,
+            executor=EXECUTORS[self.executor],
+            sql_alchemy_conn=f"sqlite:///{self.home}/airflow.db",
+            settings={
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db",
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.api_port),
                 "AIRFLOW__API__BASE_URL": f"{self.base_url}/",
                 "AIRFLOW__API__WORKERS": "1",
                 "AIRFLOW__API_AUTH__JWT_SECRET": self._jwt_secret,
-                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-                "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
                 "AIRFLOW__CELERY__RESULT_BACKEND": f"redis://127.0.0.1:{self.redis_port}/1",
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(CELERY_CONCURRENCY),
-            }
+            },
         )
-        return env
 
     def __post_init__(self) -> None:
         self._jwt_secret = secrets.token_hex(32)
@@ -191,7 +218,7 @@ class Deployment:
         self._wait(lambda: "Ready to accept connections" in redis.tail(), time.monotonic() + 30, redis)
 
     def _launch(self, name: str, *args: str) -> Server:
-        server = Server(name, [str(_BIN / "airflow"), *args], self.server_logs / f"{name}.log")
+        server = Server(name, [str(VENV_BIN / "airflow"), *args], self.server_logs / f"{name}.log")
         self.servers.append(server.start(self.env(), self.home))
         return server
 
@@ -199,7 +226,7 @@ class Deployment:
         log = self.server_logs / f"cli-{'-'.join(args)}.log"
         with log.open("wb") as out:
             proc = subprocess.run(
-                [str(_BIN / "airflow"), *args],
+                [str(VENV_BIN / "airflow"), *args],
                 env=self.env(),
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
