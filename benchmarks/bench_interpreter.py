@@ -13,19 +13,15 @@ Usage: .venv/bin/python benchmarks/bench_interpreter.py [N]
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-WORK = Path(tempfile.mkdtemp(prefix="bench-interpreter-"))
-os.environ.setdefault("AIRFLOW_HOME", str(WORK / "airflow"))
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _setup import scratch
+
+WORK = scratch("bench-interpreter-")
 
 from airflow_provider_safeproc import ensure_virtualenv, run_in_interpreter  # noqa: E402
 

@@ -13,19 +13,14 @@ Usage: .venv/bin/python benchmarks/bench_virtualenv.py [ROUNDS]
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-WORK = Path(tempfile.mkdtemp(prefix="bench-virtualenv-"))
-os.environ.setdefault("AIRFLOW_HOME", str(WORK / "airflow"))
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _setup import scratch
+
+WORK = scratch("bench-virtualenv-")
 
 from airflow_provider_safeproc import ensure_virtualenv  # noqa: E402
 
