@@ -100,7 +100,7 @@ def _refuser(call: str, skip: int) -> Callable[..., Any]:
     def refused(*args: Any, **kwargs: Any) -> Any:
         raise _error(_describe(call, args[skip:], kwargs))
 
-    refused.__safeproc_refused__ = True  # type: ignore[attr-defined]
+    refused.__safeproc_refused__ = True  # type: ignore[attr-defined]  # wraps() keeps it: patched once
     return refused
 
 
@@ -116,8 +116,6 @@ def _replace(owner: Any, name: str, call: str) -> None:
         new = functools.wraps(raw)(_refuser(call, 1 if isinstance(owner, type) else 0))
     else:
         return
-    new_func = new.__func__ if isinstance(new, (classmethod, staticmethod)) else new
-    new_func.__safeproc_refused__ = True
     setattr(owner, name, new)
 
 
