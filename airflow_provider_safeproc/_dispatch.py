@@ -80,7 +80,8 @@ class PoolCore:
         os.set_blocking(self.wake_w, False)
         # Closed only when this object goes: kill() may write to it at any time, from a signal
         # handler, and must never hit a descriptor number that was reused meanwhile.
-        weakref.finalize(self, _close_fds, self.wake_r, self.wake_w)
+        # Not at interpreter exit either: the at-exit stop still wakes the dispatcher through it.
+        weakref.finalize(self, _close_fds, self.wake_r, self.wake_w).atexit = False
         self.shutdown_requested = False
         self.cancel_requested = False
         self.terminate_requested = False
@@ -148,7 +149,9 @@ class PoolCore:
     def _main(self) -> None:
         try:
             self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
-            if self.guardian.pid is None and not (self.killed or self.shutdown_requested):
+            with self.lock:  # work queued before a stop must still run: start unless nothing is
+                needed = not self.killed and not (self.shutdown_requested and not self.incoming)
+            if self.guardian.pid is None and needed:
                 self.guardian.start()
                 self.guardian_pid = self.guardian.pid
             if self.guardian.sock is not None:
@@ -205,6 +208,7 @@ class PoolCore:
         self._forget_if_complete(job)
 
     def _cancel_pending(self) -> None:
+        self._take_incoming()  # queued but not yet taken counts as pending too
         for dispatch in self.pending:
             dispatch.job.record_cancelled([dispatch.index(p) for p in dispatch.positions])
             dispatch.job.publish()
@@ -288,7 +292,7 @@ class PoolCore:
         if self.item_timeout is not None:
             for worker in self.workers.values():
                 if worker.state == "busy" and worker.kill_reason is None:
-                    seq, _pos, running, _segment, started = worker.status.read()
+                    seq, _pos, running, _phase, started = worker.status.read()
                     begun = started if running and seq == worker.seq else now
                     left = max(0.0, begun + self.item_timeout - now)
                     timeout = left if timeout is None else min(timeout, left)
@@ -302,7 +306,7 @@ class PoolCore:
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if self.item_timeout is not None and worker.state == "busy" and worker.kill_reason is None:
-                seq, pos, running, _segment, started = worker.status.read()
+                seq, pos, running, _phase, started = worker.status.read()
                 if running and seq == worker.seq and now - started >= self.item_timeout:
                     worker.kill_reason = "timeout"
                     worker.timed_out = (seq, pos)
@@ -512,8 +516,13 @@ class PoolCore:
             self._emit(f"{self._tag(worker)} {line}")
 
     def _tag(self, worker: _Worker) -> str:
-        seq, pos, running, _segment, _ = worker.status.read()
-        if running and seq == worker.seq and worker.dispatch is not None:
+        seq, pos, running, phase, _ = worker.status.read()
+        if (
+            running
+            and phase in (_wire.ITEM, _wire.RESULT)
+            and seq == worker.seq
+            and worker.dispatch is not None
+        ):
             dispatch = worker.dispatch
             return f"[item {dispatch.job.tag_offset + dispatch.index(pos)}]"
         return f"[worker {worker.pid}]"

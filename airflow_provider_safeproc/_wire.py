@@ -4,8 +4,9 @@
   ``meta`` tuple, then an opaque ``blob`` (cloudpickle bytes made by the sender). The blob is
   never re-pickled, so a chunk of items is serialized exactly once.
 - A status slot: one page of shared memory per worker. The worker stamps the item it is about
-  to run (and when it started) before calling the user's function, and clears the stamp when
-  the function returns. The pool reads it to know, without a message per item, which item a
+  to run (and when it started) before calling the user's function, stamps it again while it
+  serializes the result, and clears the stamp once the result is bytes; unpickling a chunk
+  and runs of tiny items get stamps of their own (see the phases below). The pool reads it to know, without a message per item, which item a
   dead worker was running and how long the current item has run (for ``item_timeout``); it
   writes a cancel mark that the worker checks between items.
 """
@@ -23,10 +24,16 @@ HEADER = struct.Struct("<IQ")
 _SMALL_BLOB = 64 * 1024
 _WORD = struct.Struct("<q")
 _TIME = struct.Struct("<d")
-# The status word packs (dispatch seq, position in the chunk, segment bit, running bit). The
-# segment bit says a run of tiny items was executing without a stamp per item (see _worker).
-_POS_BITS = 22
-MAX_CHUNK = 1 << (_POS_BITS - 2)
+# The status word packs (dispatch seq, position in the chunk, phase, running bit).
+_SEQ_SHIFT = 24
+_POS_SHIFT = 4
+MAX_CHUNK = 1 << (_SEQ_SHIFT - _POS_SHIFT)
+# What the worker is doing while the running bit is set (see StatusSlot):
+ITEM = 0  # calling the function on the item at the position
+RESULT = 1  # serializing that item's result
+SEGMENT = 2  # running (or serializing the results of) a run of tiny items from the position on,
+#              without a stamp per item: which one is at fault is unknown
+LOADING = 3  # unpickling the chunk that starts at the position
 
 
 def send_frame(sock: socket.socket, meta: tuple[Any, ...], blob: bytes = b"") -> None:
@@ -110,22 +117,23 @@ class StatusSlot:
         self._mm = mmap.mmap(fd, mmap.PAGESIZE)
 
     # worker side
-    def running(self, seq: int, pos: int, started: float, *, segment: bool = False) -> None:
+    def running(self, seq: int, pos: int, started: float, phase: int = ITEM) -> None:
         _TIME.pack_into(self._mm, 8, started)
-        _WORD.pack_into(self._mm, 0, (seq << _POS_BITS) | (pos << 2) | (segment << 1) | 1)
+        _WORD.pack_into(self._mm, 0, (seq << _SEQ_SHIFT) | (pos << _POS_SHIFT) | (phase << 1) | 1)
 
     def finished(self, seq: int, pos: int) -> None:
-        _WORD.pack_into(self._mm, 0, (seq << _POS_BITS) | (pos << 2))
+        _WORD.pack_into(self._mm, 0, (seq << _SEQ_SHIFT) | (pos << _POS_SHIFT))
 
     def cancelled(self, seq: int) -> bool:
         return _WORD.unpack_from(self._mm, 16)[0] == seq
 
     # pool side
-    def read(self) -> tuple[int, int, bool, bool, float]:
-        """(dispatch seq, position, running, segment, start time) of the last stamp."""
+    def read(self) -> tuple[int, int, bool, int, float]:
+        """(dispatch seq, position, running, phase, start time) of the last stamp."""
         word = _WORD.unpack_from(self._mm, 0)[0]
         started = _TIME.unpack_from(self._mm, 8)[0]
-        return word >> _POS_BITS, (word >> 2) & (MAX_CHUNK - 1), bool(word & 1), bool(word & 2), started
+        pos = (word >> _POS_SHIFT) & (MAX_CHUNK - 1)
+        return word >> _SEQ_SHIFT, pos, bool(word & 1), (word >> 1) & 3, started
 
     def cancel(self, seq: int) -> None:
         _WORD.pack_into(self._mm, 16, seq)

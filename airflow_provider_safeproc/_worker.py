@@ -39,7 +39,10 @@ from airflow_provider_safeproc.errors import SerializationError
 from airflow_provider_safeproc.reaper import set_parent_death_signal
 from airflow_provider_safeproc.serialization import capture_exception, dumps, loads
 
-OK, RAISED, UNSERIALIZABLE = 0, 1, 2
+# What went wrong with an item (the kinds in a results message's exceptions):
+# RAISED: the function raised; UNSERIALIZABLE: its result could not be pickled here;
+# UNLOADABLE: its callable or arguments could not be unpickled here.
+RAISED, UNSERIALIZABLE, UNLOADABLE = 1, 2, 3
 # Results go back once a batch holds this much work (s): an item of 5 ms or more is reported
 # on its own (so a worker death re-runs no finished item), tiny items share one message.
 _FLUSH_INTERVAL = 0.005
@@ -253,7 +256,7 @@ class _Worker:
         try:
             self.fns[fn_id] = fn = loads(blob)
         except BaseException as exc:  # every item of this callable fails with it
-            self.fns[fn_id] = _LoadFailure(capture_exception(exc))
+            self.fns[fn_id] = _LoadFailure(("callable", capture_exception(exc)))
             return
         _adopt([fn])
 
@@ -279,22 +282,27 @@ class _Worker:
     ) -> bool:
         """Run ``positions`` of the chunk in ``blob``, in order; True when this worker must retire.
 
-        Items are stamped one by one in the status slot, except runs of tiny items (under
-        50 us each, no ``item_timeout``, not ``precise``): those run as a segment under one
-        stamp, because a stamp per item would cost more than the item. A worker that dies in
-        a segment fails no item: the pool runs the rest of the chunk again, ``precise``.
+        Items are stamped one by one in the status slot, and each result is serialized under
+        its item's stamp, so a death while running an item or while pickling its result is
+        pinned to that item. Runs of tiny items (under 50 us each, no ``item_timeout``, not
+        ``precise``) run as a segment under one stamp, because a stamp per item would cost more
+        than the item; their results are serialized together. A worker that dies in a segment
+        fails no item: the pool runs the rest of the chunk again, ``precise``.
         """
         status, channel = self.status, self.channel
+        positions = list(positions)
+        status.running(seq, positions[0], time.monotonic(), _wire.LOADING)
         try:
             items = loads(blob)
             failure = None
         except BaseException as exc:  # every item of the chunk fails with it
-            items, failure = None, capture_exception(exc)
+            items, failure = None, ("arguments", capture_exception(exc))
+        status.finished(seq, positions[0])
         if fn_id is None and items is not None:
             _adopt([item[0] for item in items])
         fn = self.fns.get(fn_id) if fn_id is not None else None
         if isinstance(fn, _LoadFailure):
-            failure = fn.payload
+            failure = fn.what_and_payload
         if fn_id is None:
             call = _call_submitted
         elif star:
@@ -302,22 +310,20 @@ class _Worker:
         else:
             call = fn
         precise = precise or self.stamp_every_item
-        positions = list(positions)
         n = len(positions)
-        values: list[Any] = []
-        exceptions: dict[int, tuple[int, Any]] = {}
-        k_start = k = 0
+        batch = _Batch(0)
         rest = None
         retire = False
         avg = self.item_seconds.get(fn_id)
         batch_started = time.monotonic()
+        k = 0
         while k < n:
             if status.cancelled(seq):
                 rest = "cancelled"
                 break
             if failure is not None:
-                values.append(None)
-                exceptions[k] = (RAISED, failure)
+                batch.values.append(None)
+                batch.exceptions[k] = (UNLOADABLE, failure)
                 k += 1
                 continue
             left = n - k if self.max_tasks is None else min(n - k, self.max_tasks - self.tasks_done)
@@ -327,18 +333,22 @@ class _Worker:
                 channel.item = base + pos
                 status.running(seq, pos, started)
                 try:
-                    values.append(call(items[pos]))
+                    value = call(items[pos])
                 except BaseException as exc:  # SystemExit too: it is the item's outcome
-                    values.append(None)
-                    exceptions[k] = (RAISED, capture_exception(exc))
+                    batch.values.append(None)
+                    batch.exceptions[k] = (RAISED, capture_exception(exc))
+                else:
+                    status.running(seq, pos, started, _wire.RESULT)
+                    batch.add_pickled(k, value)
+                    del value
                 status.finished(seq, pos)
                 took, count = time.monotonic() - started, 1
                 k += 1
             else:
                 count = min(left, max(8, int(_SEGMENT_SECONDS / max(avg, 1e-7))))
                 started = time.monotonic()
-                status.running(seq, positions[k], started, segment=True)
-                k = self._run_segment(call, items, positions, base, k, k + count, values, exceptions, fn_id)
+                status.running(seq, positions[k], started, _wire.SEGMENT)
+                k = self._run_segment(call, items, positions, base, k, k + count, batch, fn_id)
                 status.finished(seq, positions[k - 1])
                 took = time.monotonic() - started
             self._end_output()
@@ -352,11 +362,11 @@ class _Worker:
                 rest = "unrun" if k < n else None
                 break
             if k < n and time.monotonic() - batch_started >= _FLUSH_INTERVAL:
-                self._send_results(seq, k_start, values, exceptions, final=False)
-                k_start, values, exceptions = k, [], {}
+                self._send_results(seq, positions, batch, final=False)
+                batch = _Batch(k)
                 batch_started = time.monotonic()
         self.item_seconds[fn_id] = avg
-        self._send_results(seq, k_start, values, exceptions, final=True, rest=rest, retire=retire)
+        self._send_results(seq, positions, batch, final=True, rest=rest, retire=retire)
         return retire
 
     def _run_segment(
@@ -367,13 +377,14 @@ class _Worker:
         base: int,
         k: int,
         end: int,
-        values: list[Any],
-        exceptions: dict[int, tuple[int, Any]],
+        batch: _Batch,
         fn_id: int | None,
     ) -> int:
         """Run ``positions[k:end]``; returns ``end``. Exceptions are recorded, not raised."""
         channel = self.channel
         first, last = positions[k], positions[end - 1]
+        values, exceptions = batch.values, batch.exceptions
+        batch.raw = True
         if fn_id in self.chatty or last - first != end - 1 - k:
             return self._run_tagged(call, items, positions, base, k, end, values, exceptions)
         # Contiguous and quiet so far: list.extend(map(...)) runs the items at C speed. A line
@@ -424,27 +435,68 @@ class _Worker:
     def _send_results(
         self,
         seq: int,
-        k_start: int,
-        values: list[Any],
-        exceptions: dict[int, tuple[int, Any]],
+        positions: list[int],
+        batch: _Batch,
         *,
         final: bool,
         rest: str | None = None,
         retire: bool = False,
     ) -> None:
-        """Send results of ``positions[k_start:k_start + len(values)]`` (one pickle for all)."""
+        """Send the results of ``positions[batch.first:]`` so far, in one message.
+
+        Results of stamped items are already bytes; the raw values of segments are pickled
+        here, together, under a segment stamp (a death now re-runs them ``precise``).
+        """
+        values, exceptions = batch.values, batch.exceptions
+        if batch.raw:
+            self.status.running(seq, positions[batch.first], time.monotonic(), _wire.SEGMENT)
         try:
-            blob = dumps((values, exceptions), what="results")
-        except Exception:
-            for i, value in enumerate(values):
-                try:
-                    dumps(value, what="result")
-                except SerializationError as exc:
-                    values[i] = None
-                    cause = exc.__cause__ or exc
-                    exceptions[k_start + i] = (UNSERIALIZABLE, (exc.type_name, str(cause)))
-            blob = dumps((values, exceptions), what="results")
-        self.channel.send(("results", seq, k_start, final, rest, retire), blob)
+            blob = dumps((values, batch.pickled, exceptions), what="results")
+        except BaseException:
+            for k in [k for k, v in enumerate(values, batch.first) if k not in batch.pickled]:
+                if k not in exceptions:
+                    batch.add_pickled(k, values[k - batch.first])
+            blob = dumps((values, batch.pickled, exceptions), what="results")
+        if batch.raw:
+            self.status.finished(seq, positions[batch.first])
+        meta = ("results", seq, batch.first, len(values), final, rest, retire)
+        self.channel.send(meta, blob)
+
+
+class _Batch:
+    """Results of ``positions[first:first + len(values)]`` not yet sent to the pool.
+
+    ``values[i]`` is the result of position ``first + i``; where the item was stamped, it is
+    None and ``pickled[first + i]`` holds the result's bytes, made under the item's stamp.
+    ``exceptions`` maps positions to ``(RAISED | UNSERIALIZABLE | UNLOADABLE, payload)``.
+    """
+
+    __slots__ = ("exceptions", "first", "pickled", "raw", "values")
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.values: list[Any] = []
+        self.pickled: dict[int, bytes] = {}
+        self.exceptions: dict[int, tuple[int, Any]] = {}
+        self.raw = False  # holds raw values of a segment, to be pickled with the batch
+
+    def add_pickled(self, k: int, value: Any) -> None:
+        """Serialize the result of position ``k`` now; a failure is that item's outcome.
+
+        Any exception counts, ``SystemExit`` from a ``__reduce__`` included: it must fail the
+        item, never end the worker.
+        """
+        index = k - self.first
+        if index == len(self.values):
+            self.values.append(None)
+        else:
+            self.values[index] = None
+        try:
+            self.pickled[k] = dumps(value, what="result")
+        except BaseException as exc:
+            cause = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
+            type_name = exc.type_name if isinstance(exc, SerializationError) else type(value).__name__
+            self.exceptions[k] = (UNSERIALIZABLE, (type_name, f"{type(cause).__name__}: {cause}"))
 
 
 def _adopt(functions: list[Any]) -> None:
@@ -476,5 +528,7 @@ def _call_star(fn: Any, item: tuple[Any, ...]) -> Any:
 
 
 class _LoadFailure:
-    def __init__(self, payload: dict[str, Any]) -> None:
-        self.payload = payload
+    """A callable that could not be unpickled here: ``("callable", exception payload)``."""
+
+    def __init__(self, what_and_payload: tuple[str, dict[str, Any]]) -> None:
+        self.what_and_payload = what_and_payload

@@ -7,8 +7,9 @@ cross a process boundary or be stored by Airflow.
 
 from __future__ import annotations
 
+import pickle
 import signal
-from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 
@@ -72,8 +73,12 @@ class RemoteError(SafeprocError):
         self.item = item
 
 
-class SerializationError(SafeprocError, TypeError):
-    """A callable, argument or result that cloudpickle cannot serialize."""
+class SerializationError(SafeprocError, pickle.PicklingError, TypeError):
+    """A callable, argument or result that cloudpickle cannot serialize.
+
+    A ``pickle.PicklingError`` (and a ``TypeError``, as pickle raises for most unpicklable
+    objects), so handlers written for the stdlib's pools catch it.
+    """
 
     def __init__(self, what: str, type_name: str, reason: str, *, item: int | None = None) -> None:
         where = f" of item {item}" if item is not None else ""
@@ -84,15 +89,51 @@ class SerializationError(SafeprocError, TypeError):
         self.item = item
 
 
-class WorkerLostError(SafeprocError):
-    """The worker process running an item died (SIGKILL, OOM killer, ``os._exit``)."""
+class DeserializationError(SafeprocError, pickle.UnpicklingError):
+    """A callable, argument or result that was serialized but cannot be rebuilt on arrival.
 
-    def __init__(self, *, pid: int, exitcode: int | None, item: int | None = None) -> None:
-        where = f" while running item {item}" if item is not None else ""
+    Its ``__reduce__`` output raised (or called ``sys.exit``) while it was unpickled: in the
+    worker for a callable or its arguments, in the pool's process for a result. Only that item
+    fails; the pool goes on. The exception raised while unpickling is the ``__cause__``.
+    """
+
+    def __init__(self, what: str, reason: str, *, item: int | None = None, where: str) -> None:
+        of_item = f" of item {item}" if item is not None else ""
+        super().__init__(f"cannot deserialize the {what}{of_item} in {where}: {reason}")
+        self.what = what
+        self.reason = reason
+        self.item = item
+
+
+#: WorkerLostError.during: what the worker was doing with the item when it died
+LOST_RUNNING, LOST_LOADING, LOST_SENDING, LOST_UNSTARTED = "running", "loading", "sending", "unstarted"
+_LOST_WORDING = {
+    LOST_RUNNING: "while running item {}",
+    LOST_LOADING: "while loading the arguments of item {}",
+    LOST_SENDING: "while serializing the result of item {}",
+    LOST_UNSTARTED: "repeatedly before item {} could start",
+}
+
+
+class WorkerLostError(SafeprocError, BrokenProcessPool):
+    """The worker process running an item died (SIGKILL, OOM killer, ``os._exit``).
+
+    Only that item fails (the pool replaces the worker and goes on), unlike the stdlib's
+    ``BrokenProcessPool``, which it subclasses so that stdlib-style handlers still catch it.
+    ``during`` says what the worker was doing with the item: ``"running"`` it,
+    ``"loading"`` its arguments, ``"sending"`` (serializing) its result, or ``"unstarted"``
+    (workers kept dying before it ran).
+    """
+
+    def __init__(
+        self, *, pid: int, exitcode: int | None, item: int | None = None, during: str = LOST_RUNNING
+    ) -> None:
+        where = " " + _LOST_WORDING[during].format(item) if item is not None else ""
         super().__init__(f"worker process {pid} died{where}: {describe_exit(exitcode)}")
         self.pid = pid
         self.exitcode = exitcode
         self.item = item
+        self.during = during
 
     @property
     def signal_name(self) -> str | None:
@@ -146,10 +187,11 @@ class VirtualenvError(SafeprocError):
         self.output_tail = output_tail
 
 
-class BrokenPoolError(SafeprocError, BrokenExecutor):
+class BrokenPoolError(SafeprocError, BrokenProcessPool):
     """The pool can run no more items: it was killed or terminated, its initializer failed, or
     its helper process died. Items that had not finished fail with it; ``submit`` raises it.
-    ``item`` is set when the error stands for one item's outcome.
+    ``item`` is set when the error stands for one item's outcome. A ``BrokenProcessPool``, as
+    the stdlib's pool raises in the same situation.
     """
 
     def __init__(self, message: str, *, item: int | None = None) -> None:

@@ -22,7 +22,6 @@ Like billiard, the pool starts processes from daemonic parents (it has no daemon
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import math
@@ -169,6 +168,8 @@ class SafeProcessPoolExecutor(Executor):
     # --- work ----------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if it can't be sent."""
+        if _interpreter_exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         index = self._submitted
         register_unimportable_modules(fn, *args, *kwargs.values())
         try:
@@ -373,11 +374,23 @@ def _warn_about_threads() -> None:
         )
 
 
-def _stop_all_at_exit() -> None:
-    for core in list(_live_cores):
+_interpreter_exiting = False
+
+
+def _run_pending_work_at_exit() -> None:
+    """At interpreter exit, as the stdlib's ``ProcessPoolExecutor`` does: queued work runs.
+
+    Registered with ``threading._register_atexit``, so it runs before non-daemon threads are
+    joined and before ``atexit`` handlers and ``weakref`` finalizers, while every pool is still
+    whole. Pools stop once their queued work is done; ``submit`` refuses new work from here on.
+    """
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    cores = list(_live_cores)
+    for core in cores:
         core.request_stop()
-    for core in list(_live_cores):
-        core.join(timeout=30)
+    for core in cores:
+        core.join()
 
 
 def _forget_in_child() -> None:
@@ -386,5 +399,5 @@ def _forget_in_child() -> None:
     _live_cores.clear()
 
 
-atexit.register(_stop_all_at_exit)
+threading._register_atexit(_run_pending_work_at_exit)  # type: ignore[attr-defined]
 os.register_at_fork(after_in_child=_forget_in_child)

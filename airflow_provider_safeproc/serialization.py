@@ -68,8 +68,11 @@ def dumps(obj: Any, *, what: str, item: int | None = None) -> bytes:
     """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit."""
     try:
         return cloudpickle.dumps(obj, protocol=5)
-    except Exception as exc:  # pickle raises many types: PicklingError, TypeError, AttributeError...
-        raise SerializationError(what, _describe_unpicklable(obj), str(exc), item=item) from exc
+    # pickle raises many types: PicklingError, TypeError, AttributeError... and a __reduce__ may
+    # call sys.exit(): the object is at fault, not the caller, so that too is a SerializationError.
+    except (Exception, SystemExit) as exc:
+        reason = str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {exc}"
+        raise SerializationError(what, _describe_unpicklable(obj), reason, item=item) from exc
 
 
 def loads(data: bytes) -> Any:
@@ -116,7 +119,7 @@ def _describe_unpicklable(obj: Any, depth: int = 0) -> str:
     for label, part in parts or ():
         try:
             cloudpickle.dumps(part)
-        except Exception:
+        except (Exception, SystemExit):
             inner = _describe_unpicklable(part, depth + 1)
             if isinstance(obj, types.FunctionType):
                 return f"function {obj.__qualname__}, {label}: {inner}"
@@ -131,7 +134,7 @@ def capture_exception(exc: BaseException) -> dict[str, Any]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
-    except Exception:
+    except (Exception, SystemExit):
         pickled = None
     return {"type": _type_name(exc), "message": str(exc), "traceback": tb, "pickled": pickled}
 
@@ -142,7 +145,7 @@ def rebuild_exception(payload: dict[str, Any], *, item: int | None = None) -> Ba
     if payload.get("pickled") is not None:
         try:
             exc = cloudpickle.loads(payload["pickled"])
-        except Exception:
+        except (Exception, SystemExit):
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteError(payload["type"], payload["message"], payload["traceback"], item=item)
