@@ -1,8 +1,13 @@
 """Ending whole process trees: the one place where descendants are found and killed.
 
-Used by the pool (workers and whatever they started) and by the fresh-interpreter runner
-(the child and its own pools). Airflow's task runner leaves through ``os._exit``, so nothing
-else would end these processes: callers run :func:`reap_process_tree` in a ``finally``.
+Used by the pool's helper process, the pool's dispatcher, the fresh interpreter's child and
+the operators. Airflow's task runner leaves through ``os._exit``, so nothing else would end
+these processes: callers end them in a ``finally``.
+
+Stdlib only, and nothing from this package: the fresh interpreter's child script loads this
+file by path in interpreters that do not have the package (see ``interpreter/child.py``).
+Every function reads ``/proc`` itself (no psutil, no lock), so a signal handler or a lean
+helper process may call it.
 
 Linux facts relied on: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child
 exits, not the process, so it must be set for workers started by a long-lived thread;
@@ -12,34 +17,50 @@ tree walk still finds them after their own parent died.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import os
-import signal
+import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import Any
 
-if TYPE_CHECKING:
-    from collections.abc import Iterable
+try:  # the C module: signal.py imports enum, milliseconds the fresh interpreter need not spend
+    import _signal as _sig  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    import signal as _sig
 
-    import psutil
+SIGTERM: int = _sig.SIGTERM
+SIGKILL: int = _sig.SIGKILL
+
+__all__ = [
+    "collect_children",
+    "descendant_pids",
+    "end_process_tree",
+    "kill_process_tree_now",
+    "reap_process_tree",
+    "set_child_subreaper",
+    "set_parent_death_signal",
+]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-_libc: ctypes.CDLL | None = None
+_POLL = 0.01
+_libc: Any = None
 
 
 def _prctl(option: int, arg: int) -> bool:
     global _libc
-    if not hasattr(os, "fork") or os.uname().sysname != "Linux":
+    if not sys.platform.startswith("linux"):
         return False
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc.prctl(option, arg, 0, 0, 0) == 0
+        import ctypes  # here: only processes that need prctl pay for the import
+
+        _libc = ctypes.CDLL(
+            None, use_errno=True
+        )  # the C library is linked in (find_library would run ldconfig)
+    return bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
 
 
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+def set_parent_death_signal(sig: int = SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent thread exits (Linux)."""
     return _prctl(_PR_SET_PDEATHSIG, int(sig))
 
@@ -50,7 +71,7 @@ def set_child_subreaper() -> bool:
 
 
 def _children_by_parent() -> dict[int, list[int]]:
-    """ppid -> child pids of every process visible in /proc (no psutil: signal-handler safe)."""
+    """ppid -> pids of the live (non-zombie) processes visible in /proc."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -72,64 +93,105 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def descendant_pids(pid: int | None = None) -> list[int]:
-    """Pids of the live (non-zombie) descendants of ``pid``, parents before their children.
-
-    Reads /proc directly: no psutil, no lock, so a signal handler or the pool's lean helper
-    process may call it.
-    """
+def _tree(roots: Iterable[int], include_roots: bool) -> list[int]:
+    """Live pids of ``roots``' trees, parents before their children."""
     children = _children_by_parent()
-    found: list[int] = []
-    queue = [os.getpid() if pid is None else pid]
-    seen = set(queue)
-    while queue:
-        for child in children.get(queue.pop(0), ()):
-            if child not in seen:
-                seen.add(child)
-                found.append(child)
-                queue.append(child)
-    return found
-
-
-def descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Every live descendant of ``pid`` (default: this process), zombies excluded."""
-    import psutil
-
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    alive = []
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE:
-                alive.append(child)
-    return alive
-
-
-def _tree(roots: Iterable[int], include_roots: bool) -> dict[int, psutil.Process]:
-    import psutil
-
-    found: dict[int, psutil.Process] = {}
-    for pid in roots:
-        try:
-            root = psutil.Process(pid)
-        except psutil.Error:
+    alive = {pid for pids in children.values() for pid in pids}
+    order: list[int] = []
+    seen: set[int] = set()
+    for root in roots:
+        if root in seen:
             continue
-        if include_roots:
-            found[pid] = root
-        with contextlib.suppress(psutil.Error):
-            for child in root.children(recursive=True):
-                found[child.pid] = child
-    return found
+        seen.add(root)
+        if include_roots and root in alive:
+            order.append(root)
+        queue = [root]
+        while queue:
+            for child in children.get(queue.pop(0), ()):
+                if child not in seen:
+                    seen.add(child)
+                    order.append(child)
+                    queue.append(child)
+    return order
 
 
-def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
-    import psutil
+def descendant_pids(pid: int | None = None) -> list[int]:
+    """Pids of the live (non-zombie) descendants of ``pid`` (default: this process), parents first."""
+    return _tree([os.getpid() if pid is None else pid], include_roots=False)
 
-    for proc in procs:
-        with contextlib.suppress(psutil.Error, OSError):
-            proc.send_signal(sig)
+
+def _signal_all(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def kill_process_tree_now(roots: Iterable[int], *, include_roots: bool = True) -> None:
+    """SIGKILL ``roots`` and their descendants at once, waiting for nothing.
+
+    Safe from a signal handler or another thread. Children are killed before their parents,
+    so none escapes by reparenting mid-walk. Zombies are left for their parents to collect.
+    """
+    _signal_all(reversed(_tree(list(roots), include_roots)), SIGKILL)
+
+
+def collect_children(on_reaped: Callable[[int, int], None] | None) -> None:
+    """Collect every exited child of this process (we are their parent or their subreaper);
+    ``on_reaped(pid, wait status)`` hears of each."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if on_reaped is not None:
+            on_reaped(pid, status)
+
+
+def end_process_tree(
+    roots: Iterable[int],
+    *,
+    include_roots: bool = True,
+    grace: float = 1.0,
+    reap: bool = False,
+    on_reaped: Callable[[int, int], None] | None = None,
+    deadline_after_kill: float = 5.0,
+) -> list[int]:
+    """SIGTERM every process of the trees, SIGKILL what is left after ``grace``, until none is left.
+
+    The trees are walked again after each round, so processes forked meanwhile are caught
+    too. ``reap``: this process is the parent (or subreaper) of what it ends, so it collects
+    their exit statuses as they die (``on_reaped(pid, status)`` hears of each); without it,
+    zombies count as ended. Gives up ``deadline_after_kill`` seconds after the first SIGKILL
+    (a process stuck in the kernel cannot be waited for forever). Returns the pids signalled.
+    """
+    root_pids = list(roots)
+    signalled: list[int] = []
+    sig = SIGTERM
+    term_until = time.monotonic() + max(grace, 0.0)
+    give_up: float | None = None
+    while True:
+        if reap:
+            collect_children(on_reaped)
+        pids = _tree(root_pids, include_roots)
+        if not pids:
+            break
+        now = time.monotonic()
+        if sig == SIGTERM and now >= term_until:
+            sig = SIGKILL
+        if sig == SIGKILL:
+            give_up = give_up if give_up is not None else now + deadline_after_kill
+            if now >= give_up:
+                break
+        _signal_all(reversed(pids), sig)  # children first: none escapes by reparenting
+        signalled.extend(p for p in pids if p not in signalled)
+        time.sleep(_POLL)
+    if reap:
+        collect_children(on_reaped)
+    return signalled
 
 
 def reap_process_tree(
@@ -140,90 +202,26 @@ def reap_process_tree(
 ) -> list[int]:
     """End ``roots`` and all their descendants: SIGTERM, then SIGKILL after ``grace`` seconds.
 
-    Blocks for at most about ``grace`` plus a short SIGKILL wait. The tree is walked again
-    after each round, so processes forked while we were signalling are caught too. Returns the
-    pids that were signalled. Never raises for processes that are already gone.
+    Blocks for at most about ``grace`` plus a short SIGKILL wait. Returns the pids that were
+    signalled, sorted. Never raises for processes that are already gone. Direct children of
+    this process among them are collected, so none is left a zombie.
     """
-    import psutil
-
     root_pids = [roots] if isinstance(roots, int) else list(roots)
-    signalled: set[int] = set()
-    deadline = time.monotonic() + max(grace, 0.0)
-    sig = signal.SIGTERM
-    while True:
-        procs = _tree(root_pids, include_roots)
-        live = {pid: p for pid, p in procs.items() if _alive(p)}
-        if not live:
-            break
-        # Children first: once a parent dies its children reparent and drop out of the walk.
-        _signal_all(reversed(list(live.values())), sig)
-        signalled.update(live)
-        remaining = deadline - time.monotonic()
-        if sig == signal.SIGKILL or remaining <= 0:
-            sig = signal.SIGKILL
-            _signal_all(live.values(), sig)
-            psutil.wait_procs(list(live.values()), timeout=1.0)
-            if not any(_alive(p) for p in _tree(root_pids, include_roots).values()):
-                break
-            continue
-        _gone, alive = psutil.wait_procs(list(live.values()), timeout=remaining)
-        if alive:
-            sig = signal.SIGKILL
+    me = os.getpid()
+    ours = {pid for pid in root_pids if _parent_of(pid) == me} if include_roots else set()
+    signalled = end_process_tree(root_pids, include_roots=include_roots, grace=grace)
+    for pid in ours:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     return sorted(signalled)
 
 
-def kill_process_tree_now(roots: Iterable[int], *, include_roots: bool = True) -> None:
-    """SIGKILL ``roots`` and their descendants at once, waiting for nothing.
-
-    Safe to call from a signal handler or another thread: it reads /proc itself (no psutil,
-    no import, no lock) and never blocks on a child. Children are killed before their parents,
-    so none escapes by reparenting mid-walk. Zombies are left for their parents (or
-    :func:`reap_process_tree`) to collect.
-    """
-    children = _children_by_parent()
-    order: list[int] = []
-    seen: set[int] = set()
-    for root in roots:
-        if include_roots and root not in seen:
-            order.append(root)
-        seen.add(root)
-        queue = [root]
-        while queue:
-            for child in children.get(queue.pop(), ()):
-                if child not in seen:
-                    seen.add(child)
-                    order.append(child)
-                    queue.append(child)
-    for pid in reversed(order):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    import psutil
-
+def _parent_of(pid: int) -> int | None:
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def processes_tagged(key: str, value: str) -> list[psutil.Process]:
-    """Live processes of this user whose initial environment has ``key=value``.
-
-    Finds descendants that escaped the tree (reparented to init after their parent died).
-    Only the environment a process was exec'd with is visible in ``/proc``.
-    """
-    import psutil
-
-    uid = os.getuid()
-    found = []
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            if proc.info["uids"] is None or proc.info["uids"].real != uid or proc.pid == os.getpid():
-                continue
-            if proc.environ().get(key) == value and _alive(proc):
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])

@@ -67,7 +67,8 @@ def register_unimportable_modules(*objs: Any) -> None:
 def dumps(obj: Any, *, what: str, item: int | None = None) -> bytes:
     """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit."""
     try:
-        return cloudpickle.dumps(obj, protocol=5)
+        data: bytes = cloudpickle.dumps(obj, protocol=5)
+        return data
     # pickle raises many types: PicklingError, TypeError, AttributeError... and a __reduce__ may
     # call sys.exit(): the object is at fault, not the caller, so that too is a SerializationError.
     except (Exception, SystemExit) as exc:

@@ -146,7 +146,8 @@ class _PatchingLoader:
         self._loader = loader
 
     def create_module(self, spec: Any) -> types.ModuleType | None:
-        return self._loader.create_module(spec)
+        module: types.ModuleType | None = self._loader.create_module(spec)
+        return module
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__loader__ = self._loader

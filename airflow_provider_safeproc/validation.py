@@ -1,18 +1,25 @@
-"""Argument checks shared by the core and the operators.
+"""Argument checks shared by the core and the operators: the only argument checker.
 
 The operators run these in ``__init__`` so that a nonsense value fails when the DAG is parsed
-(an import error in the UI) rather than leaving a task queued or hung. Every message names the
-parameter, what arrived and what is accepted.
+(an import error in the UI) rather than leaving a task queued or hung; the executor and the
+interpreter runner run the same ones before any process starts. Every message names the
+parameter, what arrived and what is accepted; every failure is a
+:class:`~airflow_provider_safeproc.errors.ConfigurationError` (a ``ValueError``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 from airflow_provider_safeproc.errors import ConfigurationError
 
-START_METHODS = ("forkserver", "spawn", "fork")
+StartMethod = Literal["forkserver", "spawn", "fork"]
+OnItemError = Literal["fail", "continue"]
+START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
+ON_ITEM_ERROR: tuple[OnItemError, ...] = get_args(OnItemError)
+
+_Choice = TypeVar("_Choice", bound=str)
 
 
 def _shown(value: Any) -> str:
@@ -49,21 +56,58 @@ def check_positive_number(name: str, value: Any, *, allow_none: bool = True, uni
     return float(value)
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...], *, allow_none: bool = False) -> str | None:
+def check_choice(
+    name: str, value: Any, choices: tuple[_Choice, ...], *, allow_none: bool = False
+) -> _Choice | None:
     if value is None and allow_none:
         return None
     if value not in choices:
         accepted = ", ".join(repr(c) for c in choices) + (" or None" if allow_none else "")
         raise ConfigurationError(f"{name} must be one of {accepted}, got {_shown(value)}")
-    return value
+    chosen: _Choice = value
+    return chosen
 
 
-def check_start_method(value: Any) -> str | None:
+def check_start_method(value: Any) -> StartMethod | None:
     """``None`` (a safe default) or one of :data:`START_METHODS`."""
     return check_choice("start_method", value, START_METHODS, allow_none=True)
 
 
-def check_callable(name: str, value: Any) -> Any:
-    if not callable(value):
-        raise ConfigurationError(f"{name} must be callable, got {_shown(value)}")
+def start_method_of_context(mp_context: Any, start_method: Any) -> StartMethod | None:
+    """The start method a ``multiprocessing`` (or billiard) context stands for, as the stdlib's
+    ``ProcessPoolExecutor(mp_context=...)`` reads it; refused when it contradicts ``start_method``."""
+    method = check_start_method(start_method)
+    if mp_context is None:
+        return method
+    getter = getattr(mp_context, "get_start_method", None)
+    if not callable(getter):
+        raise ConfigurationError(
+            f"mp_context must be a multiprocessing context (multiprocessing.get_context('spawn')...) "
+            f"or None, got {_shown(mp_context)}"
+        )
+    from_context = getter()
+    if from_context not in START_METHODS:
+        raise ConfigurationError(
+            f"mp_context uses the start method {from_context!r}, which this pool cannot honour; "
+            f"it starts workers with one of {', '.join(map(repr, START_METHODS))}"
+        )
+    if method is not None and method != from_context:
+        raise ConfigurationError(
+            f"mp_context (start method {from_context!r}) and start_method={method!r} disagree: give one of them"
+        )
+    chosen: StartMethod = from_context
+    return chosen
+
+
+def check_callable(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """A callable (None too when ``allow_none``): the one check for every callable argument."""
+    if (value is None and allow_none) or callable(value):
+        return value
+    none = " or None" if allow_none else ""
+    raise ConfigurationError(f"{name} must be callable{none}, got {_shown(value)}")
+
+
+def check_tuple(name: str, value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, tuple):
+        raise ConfigurationError(f"{name} must be a tuple, got {_shown(value)}")
     return value

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' Airflow 2/3 helpers (tests/harness/airflow_compat.py)
 GALLERY = REPO / "dags_examples"
 DEMO = REPO / ".demo"
 DAGS = DEMO / "dags"
@@ -108,9 +109,9 @@ def _facts_from_log(text: str) -> dict[str, dict[str, str]]:
 
 
 def _workers_from_xcom(dag_id: str, run_id: str, task_id: str, map_index: int) -> str | None:
-    from airflow_provider_safeproc import _compat
+    from tests.harness import airflow_compat
 
-    summary = _compat.read_xcom(dag_id, run_id, task_id, key="run_summary", map_index=map_index)
+    summary = airflow_compat.read_xcom(dag_id, run_id, task_id, key="run_summary", map_index=map_index)
     if isinstance(summary, dict) and summary.get("workers") is not None:
         return str(summary["workers"])
     return None
@@ -177,13 +178,13 @@ def main() -> int:
     with _output_to(LOG):
         from airflow.utils import db
 
-        from airflow_provider_safeproc import _compat
+        from tests.harness import airflow_compat
 
         db.resetdb()
         dags = {}
         import_errors: dict[str, str] = {}
         for path in sorted(DAGS.glob("*.py")):
-            bag = _compat.dag_bag(path)
+            bag = airflow_compat.dag_bag(path)
             import_errors.update({Path(k).name: str(v) for k, v in bag.import_errors.items()})
             dags.update(bag.dags)
 

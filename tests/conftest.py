@@ -30,6 +30,7 @@ os.environ.setdefault("AIRFLOW__CORE__FERNET_KEY", "")
 
 import pytest  # noqa: E402
 
+from airflow_provider_safeproc.validation import START_METHODS  # noqa: E402
 from tests.harness.airflow_dags import DagRunner  # noqa: E402
 from tests.harness.daemon import run_in_daemon as _run_in_daemon  # noqa: E402
 from tests.harness.forkcheck import fail_on_fork_with_threads  # noqa: E402
@@ -88,6 +89,12 @@ def run_in_daemon():
 def daemon_kind(request: pytest.FixtureRequest) -> str:
     """Parametrizes a test over both kinds of daemonic parent."""
     return request.param
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over every start method: the pool's contract holds for each."""
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -24,11 +24,11 @@ GALLERY_FILES = sorted(p for p in GALLERY.glob("*.py") if p.name != "__init__.py
 _PARSE_OFFLINE = """
 import json, sys
 from pathlib import Path
-from airflow_provider_safeproc import _compat
+from tests.harness import airflow_compat
 
 report = {}
 for path in map(Path, sys.argv[1:]):
-    bag = _compat.dag_bag(path)
+    bag = airflow_compat.dag_bag(path)
     report[path.name] = {
         "import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
         "dags": {

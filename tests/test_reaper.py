@@ -13,12 +13,10 @@ import psutil
 
 from airflow_provider_safeproc.reaper import (
     descendant_pids,
-    descendants,
     kill_process_tree_now,
-    processes_tagged,
     reap_process_tree,
 )
-from tests.harness.processes import wait_until
+from tests.harness.processes import descendants, processes_tagged, wait_until
 
 # A shell that ignores SIGTERM and starts two sleeps: a tree that needs the SIGKILL step.
 STUBBORN_TREE = "trap '' TERM; sleep 60 & sleep 60 & wait"

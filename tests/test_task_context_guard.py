@@ -66,7 +66,6 @@ CALLS = {
 }
 
 
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
 def test_task_context_in_a_worker_raises_a_clear_error(stored_objects, start_method):
     if start_method == "fork":
         # Already imported in the parent: the forked workers must patch them on the spot.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_safeproc.errors import ConfigurationError
-from airflow_provider_safeproc.validation import check_positive_int, check_start_method
+from airflow_provider_safeproc.validation import StartMethod, check_positive_int, check_start_method
 
 SECTION = "safeproc"  # declared in get_provider_info()["config"]
 
@@ -39,7 +39,7 @@ def default_max_workers() -> int | None:
         raise _reworded("max_workers", exc) from None
 
 
-def default_start_method() -> str | None:
+def default_start_method() -> StartMethod | None:
     raw = _raw("start_method")
     try:
         return check_start_method(raw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_safeproc import _compat
@@ -22,6 +22,9 @@ from airflow_provider_safeproc.operators._context import (
     refuse_task_process_only_params,
 )
 from airflow_provider_safeproc.validation import (
+    ON_ITEM_ERROR,
+    OnItemError,
+    StartMethod,
     check_callable,
     check_choice,
     check_non_negative_int,
@@ -31,9 +34,8 @@ from airflow_provider_safeproc.validation import (
 )
 
 if TYPE_CHECKING:
-    from airflow_provider_safeproc.executor import SafeProcessPoolExecutor
+    from airflow_provider_safeproc.pool.executor import SafeProcessPoolExecutor
 
-ON_ITEM_ERROR = ("fail", "continue")
 PROGRESS_EVERY_S = 10.0
 
 
@@ -91,8 +93,8 @@ class ParallelPythonOperator(_compat.BaseOperator):
         chunksize: int | None = None,
         item_timeout: float | None = None,
         item_retries: int = 0,
-        on_item_error: str = "fail",
-        start_method: str | None = None,
+        on_item_error: OnItemError = "fail",
+        start_method: StartMethod | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
         **kwargs: Any,
@@ -100,8 +102,8 @@ class ParallelPythonOperator(_compat.BaseOperator):
         super().__init__(**kwargs)
         self.python_callable = check_callable("python_callable", python_callable)
         self.iterable = iterable
-        self.op_args = list(op_args or [])
-        self.op_kwargs = dict(op_kwargs or {})
+        self.op_args: Collection[Any] = list(op_args or [])
+        self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
         self.max_workers = check_positive_int("max_workers", max_workers)
         self.chunksize = check_positive_int("chunksize", chunksize)
         self.item_timeout = check_positive_number("item_timeout", item_timeout, unit="seconds")
@@ -118,7 +120,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         self._pool: SafeProcessPoolExecutor | None = None
 
     def execute(self, context: Any) -> list[Any]:
-        from airflow_provider_safeproc.executor import SafeProcessPoolExecutor
+        from airflow_provider_safeproc.pool.executor import SafeProcessPoolExecutor
         from airflow_provider_safeproc.task_context_guard import refuse_task_context
 
         items = self._items()
@@ -188,6 +190,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
                 results[outcome.index] = outcome.value
                 continue
             error = outcome.error
+            assert error is not None
             failures.append((outcome.index, error))
             cause = getattr(error, "__cause__", None)
             self.log.error(
@@ -205,7 +208,11 @@ class ParallelPythonOperator(_compat.BaseOperator):
     def _items(self) -> list[Any]:
         value = self.iterable
         if isinstance(value, (str, bytes)):
-            shown = value if len(value) <= 80 else value[:77] + "..."
+            shown: str | bytes = value
+            if isinstance(value, str) and len(value) > 80:
+                shown = value[:77] + "..."
+            elif isinstance(value, bytes) and len(value) > 80:
+                shown = value[:77] + b"..."
             raise ConfigurationError(
                 f"iterable rendered to a string ({shown!r}), not a list of items. A Jinja template "
                 "renders to text unless the DAG sets render_template_as_native_obj=True; or pass a "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +27,7 @@ from airflow_provider_safeproc.operators._context import (
 from airflow_provider_safeproc.validation import check_callable, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:
-    from airflow_provider_safeproc.interpreter import InterpreterHandle
+    from airflow_provider_safeproc.interpreter.handle import InterpreterHandle
 
 #: A callable parameter with this name receives a ready ProcessPoolExecutor. Not ``pool`` or
 #: ``executor``: both are BaseOperator arguments.
@@ -135,8 +135,8 @@ class ProcessPoolOperator(_compat.BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.python_callable = check_callable("python_callable", python_callable)
-        self.op_args = list(op_args or [])
-        self.op_kwargs = dict(op_kwargs or {})
+        self.op_args: Collection[Any] = list(op_args or [])
+        self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
         self.max_workers = check_positive_int("max_workers", max_workers)
         self.timeout = check_positive_number("timeout", timeout, unit="seconds")
         if requirements is not None and not isinstance(requirements, (str, list, tuple)):
@@ -159,10 +159,10 @@ class ProcessPoolOperator(_compat.BaseOperator):
             explicit=self.op_kwargs,
             reserved=(POOL_PARAMETER,),
         )
-        self._handle: InterpreterHandle | None = None
+        self._handle: InterpreterHandle[Any] | None = None
 
     def execute(self, context: Any) -> Any:
-        from airflow_provider_safeproc.interpreter import start_in_interpreter
+        from airflow_provider_safeproc.interpreter.run import start_in_interpreter
 
         python = self._interpreter()
         fn = self.python_callable
@@ -230,9 +230,9 @@ class ProcessPoolOperator(_compat.BaseOperator):
     def _interpreter(self) -> str | None:
         if not self.requirements:
             return self.python
-        from airflow_provider_safeproc.virtualenv_cache import ensure_virtualenv
+        from airflow_provider_safeproc.interpreter.virtualenv import ensure_virtualenv
 
-        requirements: Sequence[str] | str = self.requirements
+        requirements: Sequence[str] | str | Path = self.requirements
         if isinstance(requirements, str):
             path = Path(requirements)
             if not path.is_file():

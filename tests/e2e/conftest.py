@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_safeproc import _compat
-from airflow_provider_safeproc.reaper import descendants
 from tests.e2e import report
 from tests.e2e.deployment import EXECUTORS, Deployment
 from tests.e2e.gallery import REPO, BatchRuns, deployment_sources, run_batch
 from tests.e2e.servers import DEPLOYMENT_TAG_VAR, environ_of
-from tests.harness.processes import _stdlib_helper_pids, reap_leftovers
+from tests.harness.processes import _stdlib_helper_pids, descendants, reap_leftovers
 
 E2E_ROOT = Path(os.environ.get("SAFEPROC_E2E_DIR") or REPO / ".e2e")
 # Airflow 3 deployments (Celery, Local) run with Airflow 3; the Airflow 2 LocalExecutor one with 2.

@@ -19,10 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
-from airflow_provider_safeproc.reaper import descendants
 from tests.e2e import report
 from tests.e2e.gallery import BUSY_POOL_DAG
 from tests.e2e.servers import kill_processes, processes_with_env
+from tests.harness.processes import descendants
 
 TAG_VAR = "SAFEPROC_E2E_RUN_TAG"  # also in the DAG file
 TASK_ID = "busy_pool"

@@ -37,9 +37,9 @@ DAEMONIC_ERROR = "daemonic processes are not allowed to have children"
 
 def _dag_ids(path: Path) -> list[str]:
     """The DAG ids a gallery file defines, read the way the tests for dag.test() do: parse it."""
-    from airflow_provider_safeproc import _compat
+    from tests.harness import airflow_compat
 
-    return sorted(_compat.dag_bag(path).dags)
+    return sorted(airflow_compat.dag_bag(path).dags)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_safeproc import _compat
+from tests.harness import airflow_compat
 
 # Prepend to DAG sources written by tests: the authoring API moved to airflow.sdk in Airflow 3.
 DAG_IMPORTS = """\
@@ -59,7 +60,7 @@ class DagResult:
     tasks: dict[str, str | None] = field(default_factory=dict)
 
     def xcom(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-        return _compat.read_xcom(self.dag_id, self.run_id, task_id, key=key, map_index=map_index)
+        return airflow_compat.read_xcom(self.dag_id, self.run_id, task_id, key=key, map_index=map_index)
 
     def assert_tasks(self, expected: dict[str, str]) -> None:
         actual = {k: self.tasks.get(k) for k in expected}
@@ -74,7 +75,7 @@ class DagRunner:
         """Write ``source`` into the DAGs folder and parse it; returns (dag, path)."""
         path = self.dags_folder / f"dag_{dag_id}_{uuid.uuid4().hex[:8]}.py"
         path.write_text(textwrap.dedent(source))
-        bag = _compat.dag_bag(path)
+        bag = airflow_compat.dag_bag(path)
         if bag.import_errors:
             path.unlink()
             raise AssertionError(f"DAG file failed to import: {bag.import_errors}")
@@ -99,10 +100,10 @@ class DagRunner:
             # states are in the DB all the same.
             if _compat.AIRFLOW_V_3:
                 raise
-            dag_run = _compat.latest_dag_run(dag.dag_id)
+            dag_run = airflow_compat.latest_dag_run(dag.dag_id)
         return DagResult(
             dag_id=dag.dag_id,
             run_id=dag_run.run_id,
             state=str(getattr(dag_run.state, "value", dag_run.state)),
-            tasks=_compat.task_states(dag.dag_id, dag_run.run_id),
+            tasks=airflow_compat.task_states(dag.dag_id, dag_run.run_id),
         )

@@ -1,13 +1,48 @@
-"""Counting and ending the processes a test left behind (by pid, never by name)."""
+"""Counting and ending the processes a test left behind (by pid or by a tag, never by name)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterable
 
 import psutil
 
-from airflow_provider_safeproc.reaper import descendants, reap_process_tree
+from airflow_provider_safeproc.reaper import reap_process_tree
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def descendants(pid: int | None = None) -> list[psutil.Process]:
+    """Every live descendant of ``pid`` (default: this process), zombies excluded."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [child for child in children if _alive(child)]
+
+
+def processes_tagged(key: str, value: str) -> list[psutil.Process]:
+    """Live processes of this user whose initial environment has ``key=value``.
+
+    Finds descendants that escaped the tree (reparented to init after their parent died).
+    Only the environment a process was exec'd with is visible in ``/proc``.
+    """
+    uid = os.getuid()
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["uids"] is None or proc.info["uids"].real != uid or proc.pid == os.getpid():
+                continue
+            if proc.environ().get(key) == value and _alive(proc):
+                found.append(proc)
+    return found
 
 
 def _stdlib_helper_pids() -> set[int]:

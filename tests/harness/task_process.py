@@ -18,7 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from airflow_provider_safeproc.reaper import processes_tagged, reap_process_tree
+from airflow_provider_safeproc.reaper import reap_process_tree
+from tests.harness.processes import processes_tagged
 
 TAG = "SAFEPROC_TEST_TAG"
 

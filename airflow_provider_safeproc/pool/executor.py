@@ -1,40 +1,32 @@
-"""``SafeProcessPoolExecutor``: a process pool that is safe anywhere an Airflow task runs.
+"""``SafeProcessPoolExecutor``: the pool's front, on the caller's side.
 
-A ``concurrent.futures.Executor``, so code written for ``ProcessPoolExecutor`` works
-unchanged, including in the places where the stdlib refuses or misbehaves: inside a daemonic
-process (Celery's prefork pool), inside one of its own workers, from a threaded parent.
-
-How it is built (module by module):
-
-- ``_launch``/``_guardian``: one helper process per pool, the guardian, starts the workers
-  (fork of a lean interpreter by default), reaps them, and ends their whole process tree
-  when the pool ends or the caller dies, even by SIGKILL.
-- ``_worker``: the worker loop; it never imports ``__main__`` or ``airflow``.
-- ``_dispatch``: the dispatcher thread: sockets, queues, worker start and timeouts.
-- ``_settle``: the rules that turn worker reports and deaths into outcomes, once each.
-- ``_jobs``: jobs, chunks, outcomes, the summary of a map.
-- ``reaper``, ``serialization``, ``errors``, ``cpu``: shared with the fresh-interpreter runner.
-
-We do not use billiard's ``Pool``: it swallows pickling errors (the job never completes),
-needs 10 s to notice a lost worker, sleeps on shutdown, and its spawn re-imports ``__main__``.
-Like billiard, the pool starts processes from daemonic parents (it has no daemon check).
+It checks arguments before any process starts, serializes callables and items in the
+caller's thread (so an error names the item), puts the work in the
+:class:`~airflow_provider_safeproc.pool.workqueue.WorkQueue` and hands results back in input
+order; the engine behind it owns the processes (see :mod:`airflow_provider_safeproc.pool`).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import threading
 import warnings
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, ParamSpec, TypeVar
 
-from airflow_provider_safeproc._dispatch import PoolCore
-from airflow_provider_safeproc._jobs import (
+from airflow_provider_safeproc._after_fork import forget_in_forked_child
+from airflow_provider_safeproc.cpu import effective_cpu_count
+from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
+from airflow_provider_safeproc.pool.engine import Engine, EngineSettings, create_engine
+from airflow_provider_safeproc.pool.jobs import (
     CANCELLED_STATE,
     FAILED_STATE,
     OK_STATE,
@@ -45,21 +37,29 @@ from airflow_provider_safeproc._jobs import (
     MapSummary,
     new_fn_id,
 )
-from airflow_provider_safeproc._wire import MAX_CHUNK
-from airflow_provider_safeproc.cpu import effective_cpu_count
-from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
+from airflow_provider_safeproc.pool.protocol import MAX_CHUNK, WorkerConfig
+from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.serialization import dumps, register_unimportable_modules
-from airflow_provider_safeproc.validation import START_METHODS, check_positive_int, check_positive_number
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+from airflow_provider_safeproc.validation import (
+    StartMethod,
+    check_callable,
+    check_non_negative_int,
+    check_positive_int,
+    check_positive_number,
+    check_tuple,
+    start_method_of_context,
+)
 
 __all__ = ["ItemOutcome", "MapSummary", "SafeProcessPoolExecutor"]
 
-DEFAULT_START_METHOD = "forkserver"
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+DEFAULT_START_METHOD: StartMethod = "forkserver"
 # Automatic chunks: this many per worker for the whole map (the stdlib's Pool uses 4).
 _CHUNKS_PER_WORKER = 8
-_live_cores: weakref.WeakSet[PoolCore] = weakref.WeakSet()
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_interpreter_exiting = False
 
 
 def _default_log(line: str) -> None:
@@ -72,15 +72,21 @@ def _default_log(line: str) -> None:
 class SafeProcessPoolExecutor(Executor):
     """A process pool that works in daemonic processes, from threads, and leaves no process behind.
 
+    A ``concurrent.futures.Executor``: code written for ``ProcessPoolExecutor`` works
+    unchanged; what differs on purpose is in the README's table.
+
     :param max_workers: worker processes; None means the CPUs this process may really use
         (affinity mask and cgroup quota, see :func:`~airflow_provider_safeproc.cpu.effective_cpu_count`).
+    :param mp_context: a ``multiprocessing`` context, as the stdlib's pool takes it: its start
+        method is used (refused when it contradicts ``start_method``).
     :param start_method: ``"forkserver"`` (default: workers forked from a lean helper
         interpreter), ``"spawn"`` (a fresh interpreter per worker) or ``"fork"`` (workers
         are copies of this process as it is when the pool is created; warns if other
         threads run, as forking them can deadlock).
     :param item_timeout: seconds an item may run; past it the worker (and everything it
         started) is killed and replaced, and the item fails with ``ItemTimeoutError``.
-    :param max_tasks_per_child: items a worker runs before it is replaced.
+    :param max_tasks_per_child: items a worker runs before it is replaced (items, not
+        ``submit`` calls or chunks).
     :param max_memory_per_child: MiB of resident memory after which a worker is replaced
         (checked after each item).
     :param initializer: called with ``initargs`` in each worker when it starts; if it
@@ -96,7 +102,8 @@ class SafeProcessPoolExecutor(Executor):
         self,
         max_workers: int | None = None,
         *,
-        start_method: str | None = None,
+        mp_context: Any = None,
+        start_method: StartMethod | None = None,
         item_timeout: float | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
@@ -107,57 +114,54 @@ class SafeProcessPoolExecutor(Executor):
     ) -> None:
         workers = check_positive_int("max_workers", max_workers)
         self._max_workers = workers if workers is not None else effective_cpu_count()
-        if start_method is None:
-            start_method = DEFAULT_START_METHOD
-        if start_method not in START_METHODS or (start_method == "fork" and not hasattr(os, "fork")):
-            raise ConfigurationError(
-                f"start_method must be one of {', '.join(START_METHODS)} or None, not {start_method!r}"
-            )
+        method = start_method_of_context(mp_context, start_method) or DEFAULT_START_METHOD
+        if method == "fork" and not hasattr(os, "fork"):
+            raise ConfigurationError("start_method='fork' needs os.fork, which this platform lacks")
         self._item_timeout = check_positive_number("item_timeout", item_timeout)
         max_tasks = check_positive_int("max_tasks_per_child", max_tasks_per_child)
         max_memory = check_positive_number("max_memory_per_child", max_memory_per_child)
-        if initializer is not None and not callable(initializer):
-            raise ConfigurationError(f"initializer must be callable or None, not {initializer!r}")
-        if not isinstance(initargs, tuple):
-            raise ConfigurationError(f"initargs must be a tuple, not {type(initargs).__name__}")
-        for name, sink in (("log", log), ("progress", progress)):
-            if sink is not None and not callable(sink):
-                raise ConfigurationError(f"{name} must be callable or None, not {sink!r}")
+        check_callable("initializer", initializer, allow_none=True)
+        check_tuple("initargs", initargs)
+        check_callable("log", log, allow_none=True)
+        check_callable("progress", progress, allow_none=True)
         init_blob = None
         if initializer is not None:
             register_unimportable_modules(initializer, *initargs)
             init_blob = dumps((initializer, initargs), what="initializer and initargs")
-        if start_method == "fork":
+        if method == "fork":
             _warn_about_threads()
         self._progress = progress
         self._last_job: Job | None = None
         self._submitted = 0
-        config = {
-            "sys_path": list(sys.path),
-            "log_level": logging.getLogger().getEffectiveLevel(),
-            "initializer": init_blob,
-            "max_tasks": max_tasks,
-            "max_memory": None if max_memory is None else int(max_memory * 1024 * 1024),
-            # A timeout or a memory limit is checked per item: no fast segments of tiny items.
-            "stamp_every_item": self._item_timeout is not None or max_memory is not None,
-        }
-        core = PoolCore(
-            max_workers=self._max_workers,
-            start_method=start_method,
-            item_timeout=self._item_timeout,
-            config=config,
-            log=log or _default_log,
+        config = WorkerConfig(
+            sys_path=list(sys.path),
+            log_level=logging.getLogger().getEffectiveLevel(),
+            initializer=init_blob,
+            max_tasks=max_tasks,
+            max_memory=None if max_memory is None else int(max_memory * 1024 * 1024),
+            stamp_every_item=self._item_timeout is not None or max_memory is not None,
+            environment={},
+            authkey=bytes(multiprocessing.current_process().authkey),
         )
-        self._core = core
-        _live_cores.add(core)
-        core.start()
+        self._queue = WorkQueue(log=log or _default_log, item_timeout=self._item_timeout)
+        settings = EngineSettings(self._max_workers, method, self._item_timeout, config)
+        engine = create_engine("native", self._queue, settings)
+        self._engine = engine
+        _live_engines.add(engine)
+        forget_in_forked_child(engine)
+        engine.start()
         # Garbage collection ends the pool once its queued work is done.
-        self._finalizer = weakref.finalize(self, core.request_stop)
+        self._finalizer = weakref.finalize(self, _request_stop, engine)
 
     # --- properties ----------------------------------------------------------------------
     @property
     def max_workers(self) -> int:
         return self._max_workers
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Pids of the worker processes alive now (they change as workers are replaced)."""
+        return self._engine.worker_pids
 
     @property
     def summary(self) -> MapSummary | None:
@@ -166,10 +170,11 @@ class SafeProcessPoolExecutor(Executor):
         return None if job is None else job.summary()
 
     # --- work ----------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_R]:
         """Schedule ``fn(*args, **kwargs)``; raises ``SerializationError`` at once if it can't be sent."""
         if _interpreter_exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        check_callable("fn", fn)
         index = self._submitted
         register_unimportable_modules(fn, *args, *kwargs.values())
         try:
@@ -178,26 +183,30 @@ class SafeProcessPoolExecutor(Executor):
             _raise_precise_error(fn, args, kwargs, index)
             raise
         self._submitted += 1
-        future: Future = Future()
-        job = Job(n=1, fn_id=None, fn_blob=None, star=True, chunks=[blob], chunk_bases=[0], future=future)
+        future: Future[_R] = Future()
+        job = Job(n=1, fn_id=None, fn_blob=None, star=True, chunks=[blob], chunksize=1, future=future)
         job.tag_offset = index
-        self._core.put([Dispatch(job, 0, [0])])
+        self._put([Dispatch(job, 0, [0])])
         return future
+
+    def _put(self, dispatches: list[Dispatch]) -> None:
+        self._queue.put(dispatches)
+        self._engine.wake()
 
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., _R],
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = None,
-    ) -> Iterator[Any]:
+    ) -> Iterator[_R]:
         """Like ``Executor.map``: results in input order; the first error (in order) is raised.
 
         Every item is serialized (and sent) before this returns. Leaving the iterator early
-        cancels the items not yet started. ``timeout`` counts from this call.
+        cancels the items not yet started. ``timeout`` counts from this call. Each result is
+        let go once handed out, so big results can be freed as the caller goes.
         """
-        if timeout is not None:
-            check_positive_number("timeout", timeout)
+        check_positive_number("timeout", timeout)
         if len(iterables) == 1:  # no 1-tuples to build, pickle and unpack: fn(item)
             job = self._make_job(fn, list(iterables[0]), star=False, chunksize=chunksize)
         else:
@@ -223,8 +232,7 @@ class SafeProcessPoolExecutor(Executor):
         are never run; they are still yielded, in order, as outcomes with ``ok=False``,
         ``error=CancelledError()`` and ``attempts=0``. Items already running finish.
         """
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
+        check_non_negative_int("retries", retries)
         job = self._make_job(
             fn,
             list(items),
@@ -246,42 +254,30 @@ class SafeProcessPoolExecutor(Executor):
         stop_on_error: bool = False,
     ) -> Job:
         size = check_positive_int("chunksize", chunksize)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        check_callable("fn", fn)
         n = len(items)
         if size is None:
             size = max(1, math.ceil(n / (self._max_workers * _CHUNKS_PER_WORKER)))
         size = min(size, MAX_CHUNK)
         register_unimportable_modules(fn)
         fn_blob = dumps(fn, what="callable")
-        chunks, bases = [], []
-        for base in range(0, n, size):
-            chunk = items[base : base + size]
-            try:
-                chunks.append(dumps(chunk, what="arguments", item=base))
-            except SerializationError:
-                register_unimportable_modules(*chunk)
-                try:
-                    chunks.append(dumps(chunk, what="arguments", item=base))
-                except SerializationError:
-                    for offset, item in enumerate(chunk):
-                        dumps(item, what="argument", item=base + offset)
-                    raise
-            bases.append(base)
+        chunks: list[bytes | None] = [
+            _dump_chunk(items[base : base + size], base) for base in range(0, n, size)
+        ]
         job = Job(
             n=n,
             fn_id=new_fn_id(),
             fn_blob=fn_blob,
             star=star,
             chunks=chunks,
-            chunk_bases=bases,
+            chunksize=size,
             retries=retries,
             stop_on_error=stop_on_error,
             progress=self._progress,
         )
         self._last_job = job
         if n:
-            self._core.put([Dispatch(job, i, range(len(items[b : b + size]))) for i, b in enumerate(bases)])
+            self._put([Dispatch(job, i, range(min(size, n - i * size))) for i in range(len(chunks))])
         else:
             job.finished = job.started
         return job
@@ -290,27 +286,32 @@ class SafeProcessPoolExecutor(Executor):
         try:
             for index in range(job.n):
                 job.wait(index, None)
-                yield job.outcome(index)
+                yield job.take_outcome(index)
         finally:
             self._abandon(job)
 
-    def _result_runs(self, job: Job, deadline: float | None) -> Iterator[list[Any]]:
+    def _result_runs(self, job: Job, deadline: float | None) -> Iterator[Iterator[Any]]:
         """Runs of consecutive results already there, up to the first pending or failed one.
 
         ``map`` chains these runs, so 100,000 tiny results are handed out at C speed, with
-        no per-item bookkeeping; a failed item raises when the iteration reaches it.
+        no per-item bookkeeping; a failed item raises when the iteration reaches it. Each run
+        pops its results as they are handed out, and the job forgets them: a result the
+        caller dropped is freed.
         """
         state, values, n = job.state, job.values, job.n
         try:
             index = 0
             while index < n:
                 if job.wait(index, deadline) != OK_STATE:
-                    raise values[index]
+                    error, values[index] = values[index], None
+                    raise error
                 end = state.find(PENDING_STATE, index)
                 end = n if end < 0 else end
                 failed = (state.find(FAILED_STATE, index, end), state.find(CANCELLED_STATE, index, end))
                 stop = min([f for f in failed if f >= 0], default=end)
-                yield values[index:stop]
+                run = collections.deque(values[index:stop])
+                values[index:stop] = itertools.repeat(None, stop - index)
+                yield itertools.starmap(run.popleft, itertools.repeat((), stop - index))
                 index = stop
         finally:
             self._abandon(job)
@@ -319,7 +320,7 @@ class SafeProcessPoolExecutor(Executor):
         """The caller stopped iterating: items not started are not worth running."""
         if not job.complete:
             job.cancelled = True
-            self._core.wake()
+            self._engine.wake()
 
     # --- ending --------------------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -327,16 +328,16 @@ class SafeProcessPoolExecutor(Executor):
 
         With ``wait``, returns when every worker and every process they started has ended.
         """
-        self._core.request_stop(cancel=cancel_futures)
+        _request_stop(self._engine, cancel=cancel_futures)
         if wait:
-            self._core.join()
+            self._engine.join()
 
     def terminate(self) -> None:
         """End now: items not started are cancelled, running ones fail with ``BrokenPoolError``;
         workers and their descendants get SIGTERM, then SIGKILL after a grace. Blocks until done.
         """
-        self._core.request_stop(terminate=True)
-        self._core.join()
+        _request_stop(self._engine, terminate=True)
+        self._engine.join()
 
     def kill(self) -> None:
         """SIGKILL every worker and every process they started, at once.
@@ -345,15 +346,36 @@ class SafeProcessPoolExecutor(Executor):
         nothing; meant for an operator's ``on_kill``). Unfinished items fail with
         ``BrokenPoolError`` and the pool accepts no more work.
         """
-        self._core.kill()
+        self._engine.kill()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # Leaving by an exception (a task being stopped, a bug) must not wait for long items.
         if exc_type is None:
             self.shutdown(wait=True)
         else:
             self.terminate()
-        return False
+
+
+def _request_stop(engine: Engine, *, cancel: bool = False, terminate: bool = False) -> None:
+    """Ask ``engine``'s pool to stop; nothing in a forked copy of the pool's owner."""
+    if os.getpid() != engine.owner_pid:
+        return
+    engine.queue.state.request_stop(cancel=cancel, terminate=terminate)
+    engine.wake()
+
+
+def _dump_chunk(chunk: list[Any], base: int) -> bytes:
+    """One chunk's bytes; a failure names the first item that cannot be serialized."""
+    try:
+        return dumps(chunk, what="arguments", item=base)
+    except SerializationError:
+        register_unimportable_modules(*chunk)
+        try:
+            return dumps(chunk, what="arguments", item=base)
+        except SerializationError:
+            for offset, item in enumerate(chunk):
+                dumps(item, what="argument", item=base + offset)
+            raise
 
 
 def _raise_precise_error(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> None:
@@ -374,9 +396,6 @@ def _warn_about_threads() -> None:
         )
 
 
-_interpreter_exiting = False
-
-
 def _run_pending_work_at_exit() -> None:
     """At interpreter exit, as the stdlib's ``ProcessPoolExecutor`` does: queued work runs.
 
@@ -386,18 +405,11 @@ def _run_pending_work_at_exit() -> None:
     """
     global _interpreter_exiting
     _interpreter_exiting = True
-    cores = list(_live_cores)
-    for core in cores:
-        core.request_stop()
-    for core in cores:
-        core.join()
-
-
-def _forget_in_child() -> None:
-    for core in list(_live_cores):
-        core.forget_after_fork()
-    _live_cores.clear()
+    engines = list(_live_engines)
+    for engine in engines:
+        _request_stop(engine)
+    for engine in engines:
+        engine.join()
 
 
 threading._register_atexit(_run_pending_work_at_exit)  # type: ignore[attr-defined]
-os.register_at_fork(after_in_child=_forget_in_child)

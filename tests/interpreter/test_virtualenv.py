@@ -15,10 +15,10 @@ import cloudpickle
 import pytest
 
 from airflow_provider_safeproc import ensure_virtualenv, run_in_interpreter
-from airflow_provider_safeproc import virtualenv_cache as vc
 from airflow_provider_safeproc.errors import ConfigurationError, VirtualenvError
+from airflow_provider_safeproc.interpreter import virtualenv as vc
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIX = ["six==1.16.0"]
 
 

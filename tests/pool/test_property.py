@@ -67,7 +67,7 @@ def _scenario(plan, chunksize, kill_delays_ms, retries, marks):
             rng = random.Random(len(plan))
             for delay in kill_delays_ms:
                 time.sleep(delay / 1000)
-                pids = pool._core.worker_pids
+                pids = pool.worker_pids
                 if pids:
                     try:
                         os.kill(rng.choice(pids), signal.SIGKILL)

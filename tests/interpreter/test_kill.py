@@ -19,8 +19,7 @@ import pytest
 
 from airflow_provider_safeproc import start_in_interpreter
 from airflow_provider_safeproc.errors import InterpreterDiedError, InterpreterTimeoutError
-from airflow_provider_safeproc.reaper import processes_tagged
-from tests.harness.processes import wait_until
+from tests.harness.processes import processes_tagged, wait_until
 
 TAG = "SAFEPROC_TEST_INTERPRETER_TAG"
 
@@ -155,9 +154,9 @@ def test_what_the_callable_leaves_running_is_ended(tag: str) -> None:
 
 def test_interpreter_that_does_not_exit_after_its_result(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A non-daemonic Process left running makes Python wait at exit forever; we end it."""
-    from airflow_provider_safeproc import interpreter
+    from airflow_provider_safeproc.interpreter import channels
 
-    monkeypatch.setattr(interpreter, "_EXIT_GRACE", 0.5)
+    monkeypatch.setattr(channels, "EXIT_GRACE", 0.5)
 
     def block_exit() -> str:
         import multiprocessing
@@ -193,7 +192,7 @@ def test_parent_killed_while_a_bare_fork_of_it_lives(tmp_path: Path, tag: str) -
     marker, sibling_file = tmp_path / "worker", tmp_path / "sibling"
     parent = subprocess.Popen(
         [sys.executable, "-c", _FORK_A_SIBLING_THEN_DIE, str(marker), str(sibling_file)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
@@ -212,7 +211,7 @@ _FORK_A_SIBLING_THEN_DIE = """
 import os, signal, sys, time
 from pathlib import Path
 from airflow_provider_safeproc import start_in_interpreter
-from tests.test_interpreter_kill import _pool_running, pool_forever
+from tests.interpreter.test_kill import _pool_running, pool_forever
 
 marker, sibling_file = sys.argv[1:]
 start_in_interpreter(pool_forever, marker)

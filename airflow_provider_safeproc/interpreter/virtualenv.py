@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import stat
@@ -39,6 +38,7 @@ from typing import Any
 import cloudpickle
 
 from airflow_provider_safeproc.errors import ConfigurationError, VirtualenvError
+from airflow_provider_safeproc.interpreter.target import probe
 
 __all__ = ["VirtualenvPython", "default_cache_dir", "ensure_virtualenv"]
 
@@ -46,7 +46,6 @@ _MARKER = ".safeproc-complete"
 _LAYOUT = 1  # bump when the way entries are built changes, to invalidate old ones
 _TAIL_LINES = 40
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(.*)$")
-_base_versions: dict[tuple[str, float], tuple[str, str]] = {}
 
 
 class VirtualenvPython(str):
@@ -137,24 +136,8 @@ def _requirements(requirements: Sequence[str] | str | os.PathLike[str] | None) -
 
 
 def _base_version(python: str) -> tuple[str, str]:
-    """(real path, "CPython-3.11.7") of the base interpreter, probed once per path."""
-    real = os.path.realpath(python)
-    if os.path.abspath(python) == os.path.abspath(sys.executable):
-        return real, f"{platform.python_implementation()}-{platform.python_version()}"
-    try:
-        key = (real, os.stat(real).st_mtime)
-    except OSError as exc:
-        raise ConfigurationError(f"python={python!r}: no such interpreter ({exc.strerror})") from None
-    if key not in _base_versions:
-        code = "import platform; print(platform.python_implementation() + '-' + platform.python_version())"
-        try:
-            out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ConfigurationError(
-                f"python={python!r} does not run as a Python interpreter: {exc}"
-            ) from None
-        _base_versions[key] = (real, out.stdout.strip())
-    return _base_versions[key]
+    """(real path, "CPython-3.11.7") of the base interpreter."""
+    return os.path.realpath(python), probe(python).full_version
 
 
 def _check_owned(path: Path, what: str) -> None:

@@ -15,11 +15,7 @@ Why a guardian instead of workers started by the pool's process directly:
 - Being the workers' parent, it reaps them and reports each exit status to the pool, so a
   dead worker is noticed at once, with its exit code or signal.
 
-Control messages (pickled tuples on a SOCK_SEQPACKET socket, file descriptors via SCM_RIGHTS):
-pool -> guardian: ``("spawn", key)`` + [socket, output pipe, status slot], ``("quit", grace,
-idle)`` (``idle``: the workers were told to exit, give them a moment before TERM);
-guardian -> pool: ``("ready", pid)``, ``("started", key, pid)``, ``("spawn_failed", key, text)``,
-``("exited", pid, exitcode)``.
+Its control messages are in :mod:`~airflow_provider_safeproc.pool.native.control`.
 """
 
 from __future__ import annotations
@@ -33,11 +29,28 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, NoReturn
+from types import FrameType
+from typing import NoReturn
 
-from airflow_provider_safeproc import _worker
+from airflow_provider_safeproc.pool.native import worker
+from airflow_provider_safeproc.pool.native.control import (
+    GuardianReady,
+    Quit,
+    SpawnFailed,
+    SpawnWorker,
+    WorkerExited,
+    WorkerStarted,
+)
+from airflow_provider_safeproc.pool.native.entry import entry_point_argv
+from airflow_provider_safeproc.pool.native.process_setup import (
+    neutralize_other_fds,
+    reset_signals,
+    set_std_fds,
+)
+from airflow_provider_safeproc.pool.protocol import WorkerConfig
 from airflow_provider_safeproc.reaper import (
-    descendant_pids,
+    collect_children,
+    end_process_tree,
     kill_process_tree_now,
     set_child_subreaper,
     set_parent_death_signal,
@@ -45,6 +58,7 @@ from airflow_provider_safeproc.reaper import (
 
 _PARENT_CHECK_INTERVAL_MS = 500
 _STOP_GRACE = 1.0
+_IDLE_EXIT_WAIT = 0.5  # s idle workers get to leave by themselves before TERM
 
 
 class _Stop(Exception):
@@ -67,18 +81,9 @@ def main(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> No
 def run_forked(ctrl_fd: int, config_fd: int, err_fd: int, parent_pid: int) -> NoReturn:
     """Entry point in a guardian forked from the pool's process (``start_method="fork"``)."""
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in range(1, signal.NSIG):
-            try:
-                if callable(signal.getsignal(sig)) or sig == signal.SIGINT:
-                    signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError, RuntimeError):
-                continue
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for target in (0, 1):
-            os.dup2(devnull, target)
-        os.dup2(err_fd, 2)
-        _worker._close_other_fds({0, 1, 2, ctrl_fd, config_fd})
+        reset_signals(every_handler=True)
+        set_std_fds(None, err_fd)
+        neutralize_other_fds({0, 1, 2, ctrl_fd, config_fd})
         sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     except BaseException:
         os._exit(1)
@@ -92,7 +97,8 @@ def _run(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> No
         os.set_inheritable(config_fd, False)
         ctrl = socket.socket(fileno=ctrl_fd)
         config_bytes = os.pread(config_fd, os.fstat(config_fd).st_size, 0)
-        sys.path[:] = pickle.loads(config_bytes)["sys_path"]
+        config: WorkerConfig = pickle.loads(config_bytes)
+        sys.path[:] = config.sys_path
         _Guardian(ctrl, config_fd, config_bytes, parent_pid, worker_start).serve()
     except BaseException:  # report, then end the tree anyway
         code = 70
@@ -127,19 +133,14 @@ class _Guardian:
         poller.register(self.ctrl, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         try:
-            self._send(("ready", os.getpid()))
+            self._send(GuardianReady(os.getpid()))
             while True:
                 events = poller.poll(_PARENT_CHECK_INTERVAL_MS)
                 if os.getppid() != self.parent_pid:
                     raise _Stop(_STOP_GRACE)
                 for fd, _event in events:
                     if fd == wake_r:
-                        while True:
-                            try:
-                                if not os.read(wake_r, 512):
-                                    break
-                            except BlockingIOError:
-                                break
+                        _drain(wake_r)
                     else:
                         self._handle_control()
                 self._reap()
@@ -147,17 +148,17 @@ class _Guardian:
             self.stopping = True
             self._end_tree(stop.grace, workers_closing=stop.workers_closing)
 
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
             self.stopping = True
             raise _Stop(_STOP_GRACE)
 
-    def _on_kill_signal(self, signum: int, frame: Any) -> None:
+    def _on_kill_signal(self, signum: int, frame: FrameType | None) -> None:
         # kill() of the pool: everything at once, no grace, no lock, no import.
         kill_process_tree_now([os.getpid()], include_roots=False)
         os._exit(0)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: GuardianReady | WorkerStarted | SpawnFailed | WorkerExited) -> None:
         try:
             self.ctrl.send(pickle.dumps(message))
         except OSError:
@@ -168,27 +169,23 @@ class _Guardian:
             data, fds, _flags, _addr = socket.recv_fds(self.ctrl, 65536, 8)
         except OSError:
             data, fds = b"", []
-        if not data:
+        message = pickle.loads(data) if data else None
+        if not isinstance(message, SpawnWorker):
             for fd in fds:
                 os.close(fd)
-            raise _Stop(_STOP_GRACE)  # the pool's process is gone
-        message = pickle.loads(data)
-        if message[0] == "quit":
+            if isinstance(message, Quit):
+                raise _Stop(message.grace, workers_closing=message.idle)
+            raise _Stop(_STOP_GRACE)  # end of file: the pool's process is gone
+        try:
+            pid = self._start_worker(*fds)
+        except Exception:
+            self._send(SpawnFailed(message.key, traceback.format_exc()))
+            return
+        finally:
             for fd in fds:
                 os.close(fd)
-            raise _Stop(message[1], workers_closing=message[2])
-        if message[0] == "spawn":
-            key = message[1]
-            try:
-                pid = self._start_worker(*fds)
-            except Exception:
-                self._send(("spawn_failed", key, traceback.format_exc()))
-                return
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            self.workers.add(pid)
-            self._send(("started", key, pid))
+        self.workers.add(pid)
+        self._send(WorkerStarted(message.key, pid))
 
     def _start_worker(self, sock_fd: int, out_fd: int, status_fd: int) -> int:
         if self.worker_start == "spawn":
@@ -198,7 +195,7 @@ class _Guardian:
         if pid == 0:
             try:
                 self.ctrl.detach()
-                _worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me)
+                worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me)
             finally:
                 os._exit(70)
         return pid
@@ -213,64 +210,40 @@ class _Guardian:
                 (os.POSIX_SPAWN_DUP2, out_fd, 2),
                 *(
                     (os.POSIX_SPAWN_DUP2, fd, target)
-                    for fd, target in zip(high, _worker.SPAWN_FDS, strict=True)
+                    for fd, target in zip(high, worker.SPAWN_FDS, strict=True)
                 ),
             ]
-            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            code = (
-                f"import sys; sys.path.insert(0, {package_root!r}); "
-                f"from airflow_provider_safeproc._worker import spawn_main; spawn_main({os.getpid()})"
-            )
-            return os.posix_spawn(
-                sys.executable, [sys.executable, "-c", code], os.environ, file_actions=actions
-            )
+            argv = entry_point_argv(worker.spawn_main, os.getpid())
+            return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
         finally:
             for fd in high:
                 os.close(fd)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid in self.workers:
-                self.workers.discard(pid)
-                if not self.stopping:
-                    self._send(("exited", pid, os.waitstatus_to_exitcode(status)))
+        collect_children(self._reaped)
+
+    def _reaped(self, pid: int, status: int) -> None:
+        if pid in self.workers:
+            self.workers.discard(pid)
+            if not self.stopping:
+                self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
 
     def _end_tree(self, grace: float, *, workers_closing: bool) -> None:
         """TERM every descendant, KILL what is left after ``grace``, reap until none is left."""
         if workers_closing:
             # The pool closed the workers' sockets first: idle workers exit by themselves.
-            deadline = time.monotonic() + min(grace, 0.5)
+            deadline = time.monotonic() + min(grace, _IDLE_EXIT_WAIT)
             while self.workers and time.monotonic() < deadline:
                 self._reap()
                 if self.workers:
                     time.sleep(0.002)
-        me = os.getpid()
-        pids = descendant_pids(me)
-        if pids:
-            for pid in pids:
-                _signal(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while pids and time.monotonic() < deadline:
-                time.sleep(0.01)
-                self._reap()
-                pids = descendant_pids(me)
-        stop_at = time.monotonic() + 5.0
-        while pids and time.monotonic() < stop_at:
-            kill_process_tree_now([me], include_roots=False)
-            time.sleep(0.01)
-            self._reap()
-            pids = descendant_pids(me)
-        self._reap()
+        end_process_tree([os.getpid()], include_roots=False, grace=grace, reap=True, on_reaped=self._reaped)
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 512):
+                return
+        except BlockingIOError:
+            return

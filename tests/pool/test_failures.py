@@ -19,11 +19,6 @@ from tests.harness.processes import wait_until
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(params=["forkserver", "spawn", "fork"])
-def start_method(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 def test_sigkilled_worker_fails_only_its_item_within_2_s(start_method, tmp_path):
     def item(x):
         if x == 2:
@@ -154,7 +149,7 @@ def test_worker_killed_from_outside_is_replaced(start_method):
         first = set(pool.map(lambda _: os.getpid(), range(4), chunksize=1))
         victim = next(iter(first))
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: victim not in pool._core.worker_pids, 2.0)
+        assert wait_until(lambda: victim not in pool.worker_pids, 2.0)
         again = list(pool.map(lambda x: (x, os.getpid()), range(10)))
     assert [x for x, _ in again] == list(range(10))
     assert victim not in {pid for _, pid in again}

@@ -1,10 +1,14 @@
 """What the pool knows about the work it was given: jobs, their chunks and their outcomes.
 
 A job is one ``map``/``map_outcomes`` call (many items) or one ``submit`` (one item and its
-Future). Its items were serialized in the caller's thread, a chunk at a time. The dispatcher
+Future). Its items were serialized in the caller's thread, a chunk at a time. The engine's
 thread records each item's outcome exactly once; the caller's thread waits for them in input
 order. A :class:`Dispatch` is the unit sent to one worker: some positions of one chunk (all
-of them at first; fewer when items are re-queued after a worker died).
+of them at first; fewer when items are queued again after a worker died).
+
+What a job holds is let go as soon as it is no longer needed: a chunk's bytes once every
+item of it has its outcome, the callable's bytes once the job is complete, and (in the
+executor) each result once it was handed to the caller.
 """
 
 from __future__ import annotations
@@ -12,13 +16,10 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from concurrent.futures import CancelledError
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from concurrent.futures import Future
+from typing import Any
 
 _fn_ids = itertools.count(1)
 
@@ -33,9 +34,9 @@ class ItemOutcome:
 
     ``ok`` is True when the function returned ``value``; otherwise ``error`` holds what it
     raised (original type, worker traceback as ``__cause__``), a ``WorkerLostError``, an
-    ``ItemTimeoutError``, a ``SerializationError`` for a result that could not be sent back,
-    or ``concurrent.futures.CancelledError`` for an item never started because of
-    ``stop_on_error``. ``attempts`` counts the runs (0 for a cancelled item).
+    ``ItemTimeoutError``, a ``SerializationError`` or ``DeserializationError`` for a result
+    that could not travel back, or ``concurrent.futures.CancelledError`` for an item never
+    started because of ``stop_on_error``. ``attempts`` counts the runs (0 for a cancelled item).
     """
 
     index: int
@@ -48,7 +49,8 @@ class ItemOutcome:
         """The value, or raise the error: the same contract as ``Future.result()``."""
         if self.ok:
             return self.value
-        raise self.error  # type: ignore[misc]
+        assert self.error is not None
+        raise self.error
 
 
 @dataclass(frozen=True)
@@ -87,24 +89,25 @@ _ONES = b"\x01"
 @dataclass(eq=False)  # identity: jobs live in sets
 class Job:
     """Outcomes live in two arrays: ``values`` (a value or an exception) and ``state`` (one
-    byte per item). The dispatcher writes a run of results with two slice assignments, value
-    first, and the caller reads ``state`` without a lock: 100,000 tiny items cost no more
-    than a list of them.
+    byte per item). The engine's thread writes a run of results with two slice assignments,
+    value first, and the caller reads ``state`` without a lock: 100,000 tiny items cost no
+    more than a list of them.
     """
 
     n: int
     fn_id: int | None  # None: each item carries its own (fn, args, kwargs) (submit)
     fn_blob: bytes | None
     star: bool  # call fn(*item) (map with several iterables) rather than fn(item)
-    chunks: list[bytes]
-    chunk_bases: list[int]
+    chunks: list[bytes | None]  # None once every item of the chunk has its outcome
+    chunksize: int
     tag_offset: int = 0  # added to indexes in log tags and errors (the submit number)
     retries: int = 0
     stop_on_error: bool = False
-    future: Future | None = None
+    future: Future[Any] | None = None
     progress: Callable[[int, int], None] | None = None
     values: list[Any] = field(init=False)
     state: bytearray = field(init=False)
+    chunk_left: list[int] = field(init=False)  # items of each chunk still without an outcome
     extra_attempts: dict[int, int] = field(default_factory=dict)
     cancelled: bool = False
     running_marked: bool = False
@@ -120,8 +123,12 @@ class Job:
     def __post_init__(self) -> None:
         self.values = [None] * self.n
         self.state = bytearray(self.n)
+        self.chunk_left = [min(self.chunksize, self.n - base) for base in range(0, self.n, self.chunksize)]
 
-    # --- dispatcher thread -------------------------------------------------------------
+    def chunk_base(self, chunk: int) -> int:
+        return chunk * self.chunksize
+
+    # --- the engine's thread -----------------------------------------------------------
     def attempts(self, index: int) -> int:
         if self.state[index] == CANCELLED_STATE:
             return 0
@@ -138,7 +145,8 @@ class Job:
         """Store the one outcome of ``index``; False (and nothing stored) if it already has one."""
         if self.state[index] != PENDING_STATE:
             return False
-        self.values[index] = value
+        if self.future is None:
+            self.values[index] = value  # a submit's value lives in its Future only
         if ok:
             self.state[index] = OK_STATE
         elif isinstance(value, CancelledError):
@@ -149,13 +157,13 @@ class Job:
             self.failures += 1
             if self.stop_on_error:
                 self.cancelled = True
-        self._count(1, pid)
+        self._count(index, 1, pid)
         if self.future is not None:
-            self._settle(ok, value)
+            self._settle_future(ok, value)
         return True
 
     def record_values(self, first: int, values: list[Any], pid: int | None) -> None:
-        """Successful results of items ``first, first + 1, ...``: two slice assignments."""
+        """Successful results of items ``first, first + 1, ...`` of one chunk: two slice assignments."""
         end = first + len(values)
         if self.future is not None or self.state.count(PENDING_STATE, first, end) != len(values):
             for offset, value in enumerate(values):
@@ -163,16 +171,21 @@ class Job:
             return
         self.values[first:end] = values  # values before states: a reader checks the state first
         self.state[first:end] = _ONES * len(values)
-        self._count(len(values), pid)
+        self._count(first, len(values), pid)
 
-    def _count(self, count: int, pid: int | None) -> None:
+    def _count(self, index: int, count: int, pid: int | None) -> None:
         self.done += count
         if pid is not None:
             self.pids.add(pid)
+        chunk = index // self.chunksize
+        self.chunk_left[chunk] -= count
+        if self.chunk_left[chunk] == 0:
+            self.chunks[chunk] = None  # no worker will need these arguments again
         if self.done == self.n:
             self.finished = time.monotonic()
+            self.fn_blob = None
 
-    def _settle(self, ok: bool, value: Any) -> None:
+    def _settle_future(self, ok: bool, value: Any) -> None:
         future = self.future
         assert future is not None
         if not self.mark_running(cancel=isinstance(value, CancelledError)) or future.done():
@@ -219,7 +232,7 @@ class Job:
     def unfinished(self) -> list[int]:
         return [i for i, s in enumerate(self.state) if s == PENDING_STATE]
 
-    # --- caller's thread --------------------------------------------------------------
+    # --- the caller's thread -----------------------------------------------------------
     def wait(self, index: int, deadline: float | None) -> int:
         """Block until ``index`` has its outcome; its state. TimeoutError past ``deadline``."""
         state = self.state
@@ -233,11 +246,12 @@ class Job:
                 self.cond.wait(remaining)
         return state[index]
 
-    def outcome(self, index: int) -> ItemOutcome:
-        state = self.state[index]
-        if state == OK_STATE:
-            return ItemOutcome(index, True, self.values[index], None, self.attempts(index))
-        return ItemOutcome(index, False, None, self.values[index], self.attempts(index))
+    def take_outcome(self, index: int) -> ItemOutcome:
+        """The outcome of ``index``, which the job then forgets (the caller has it now)."""
+        value, self.values[index] = self.values[index], None
+        if self.state[index] == OK_STATE:
+            return ItemOutcome(index, True, value, None, self.attempts(index))
+        return ItemOutcome(index, False, None, value, self.attempts(index))
 
     def summary(self) -> MapSummary:
         end = self.finished if self.finished is not None else time.monotonic()
@@ -255,15 +269,20 @@ class Job:
 
 @dataclass
 class Dispatch:
+    """Positions of one chunk of a job, sent to one worker as a unit."""
+
     job: Job
     chunk: int
     positions: Sequence[int]
-    losses: int = 0  # times a worker died with this chunk and no item of it running
-    precise: bool = False  # stamp every item (a worker died inside a segment of this chunk)
+    losses: int = 0  # deaths in a row of workers that had it, with no item pinned and no progress
+    precise: bool = False  # stamp every item (a worker died inside a run of tiny items of it)
 
     @property
     def base(self) -> int:
-        return self.job.chunk_bases[self.chunk]
+        return self.job.chunk_base(self.chunk)
 
     def index(self, pos: int) -> int:
         return self.base + pos
+
+    def indexes(self) -> list[int]:
+        return [self.base + pos for pos in self.positions]

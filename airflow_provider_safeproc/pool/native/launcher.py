@@ -14,30 +14,30 @@ import pickle
 import signal
 import socket
 import subprocess
-import sys
 import time
 import warnings
-from typing import Any
+from typing import Literal
 
-from airflow_provider_safeproc import _guardian
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from airflow_provider_safeproc.pool.native import guardian
+from airflow_provider_safeproc.pool.native.control import FromGuardian, Quit, SpawnWorker
+from airflow_provider_safeproc.pool.native.entry import entry_point_argv
+from airflow_provider_safeproc.pool.protocol import WorkerConfig
 
 
 class GuardianHandle:
     """The guardian process of one pool: start it, ask it for workers, stop it."""
 
-    def __init__(self, start_method: str, config: dict[str, Any]) -> None:
+    def __init__(self, start_method: str, config: WorkerConfig) -> None:
         self.start_method = start_method
         self.config_bytes = pickle.dumps(config, protocol=5)
         self.pid: int | None = None
         self.sock: socket.socket | None = None
-        self.err_fd: int | None = None
-        self._popen: subprocess.Popen | None = None
+        self.err_fd: int | None = None  # the guardian's stderr (and a forked guardian's stdout)
+        self._popen: subprocess.Popen[bytes] | None = None
         self._exitcode: int | None = None
 
     def start(self) -> None:
-        """Start the guardian; returns once it runs (its "ready" comes on :attr:`sock`)."""
+        """Start the guardian; returns once it runs (its ready message comes on :attr:`sock`)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config_fd = os.memfd_create("safeproc-config", os.MFD_CLOEXEC)
         err_r, err_w = os.pipe()
@@ -47,13 +47,8 @@ class GuardianHandle:
                 self.pid = self._fork(child.fileno(), config_fd, err_w)
             else:
                 worker_start = "spawn" if self.start_method == "spawn" else "fork"
-                code = (
-                    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-                    "from airflow_provider_safeproc._guardian import main; "
-                    f"main({child.fileno()}, {config_fd}, {os.getpid()}, {worker_start!r})"
-                )
                 self._popen = subprocess.Popen(
-                    [sys.executable, "-c", code],
+                    entry_point_argv(guardian.main, child.fileno(), config_fd, os.getpid(), worker_start),
                     pass_fds=(child.fileno(), config_fd),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
@@ -82,37 +77,36 @@ class GuardianHandle:
             pid = os.fork()
         if pid == 0:
             try:
-                _guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid)
+                guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid)
             finally:
                 os._exit(70)
         return pid
 
     def request_worker(self, key: int, fds: list[int]) -> None:
         assert self.sock is not None
-        socket.send_fds(self.sock, [pickle.dumps(("spawn", key))], fds)
+        socket.send_fds(self.sock, [pickle.dumps(SpawnWorker(key))], fds)
 
     def quit(self, grace: float, *, idle: bool) -> None:
-        """Ask the guardian to end every worker and descendant (TERM, KILL after ``grace``).
-
-        ``idle``: the workers' sockets were closed while they waited for work, so they exit by
-        themselves within milliseconds; the guardian waits for that before sending TERM.
-        """
+        """Ask the guardian to end every worker and descendant (see :class:`Quit`)."""
         if self.sock is not None:
             try:
-                self.sock.send(pickle.dumps(("quit", grace, idle)))
+                self.sock.send(pickle.dumps(Quit(grace, idle)))
             except OSError:
                 pass
 
-    def receive(self) -> tuple[Any, ...] | None:
-        """One control message; None once the guardian closed its end (it exited)."""
+    def receive(self) -> FromGuardian | Literal["empty", "gone"]:
+        """One control message, ``"empty"`` when none is waiting, ``"gone"`` once the guardian exited."""
         assert self.sock is not None
         try:
             data = self.sock.recv(65536, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return ()
+            return "empty"
         except OSError:
-            return None
-        return pickle.loads(data) if data else None
+            return "gone"
+        if not data:
+            return "gone"
+        message: FromGuardian = pickle.loads(data)
+        return message
 
     def kill_now(self) -> None:
         """Signal-handler safe: the guardian SIGKILLs its whole tree and exits."""
@@ -152,3 +146,10 @@ class GuardianHandle:
         if self.err_fd is not None:
             os.close(self.err_fd)
             self.err_fd = None
+
+    def forget_after_fork(self) -> None:
+        if self.sock is not None:
+            try:
+                os.close(self.sock.detach())
+            except OSError:
+                pass

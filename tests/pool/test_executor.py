@@ -29,16 +29,9 @@ from airflow_provider_safeproc.errors import (
     RemoteTraceback,
     SerializationError,
 )
-from airflow_provider_safeproc.executor import ItemOutcome
+from airflow_provider_safeproc.pool.jobs import ItemOutcome
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-START_METHODS = ["forkserver", "spawn", "fork"]
-
-
-@pytest.fixture(params=START_METHODS)
-def start_method(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 @pytest.fixture
@@ -415,6 +408,7 @@ def test_dag_file_function_can_use_a_stdlib_pool_inside_a_worker(pool, tmp_path)
     sys.modules[name] = module
     try:
         wrapped = functools.partial(lambda fn, item: fn(item), module.fan_out)
-        assert [o.value for o in pool.map_outcomes(wrapped, [1, 2])] == [True, True]
+        outcomes = list(pool.map_outcomes(wrapped, [1, 2]))
+        assert [o.value for o in outcomes] == [True, True], [o.error for o in outcomes]
     finally:
         del sys.modules[name]

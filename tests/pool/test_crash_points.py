@@ -32,11 +32,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TIMEOUT = 30
 
 
-@pytest.fixture(params=["forkserver", "spawn", "fork"])
-def start_method(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @pytest.fixture
 def pool(start_method):
     with SafeProcessPoolExecutor(2, start_method=start_method, log=lambda line: None) as pool:

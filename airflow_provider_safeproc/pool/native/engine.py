@@ -1,0 +1,290 @@
+"""The native engine: a guardian helper process, lean workers, and a dispatcher thread.
+
+One thread owns every worker socket, the guardian's control socket and all bookkeeping, so
+none of it needs a lock; callers hand it work through the :class:`WorkQueue` and a wake-up
+pipe. Its loop reads as the steps in :meth:`NativeEngine._run`; each duty has its own
+class: :class:`~.workers.Supervisor` (start and replace workers), :class:`~.timeouts.TimeoutHandler`,
+:class:`~.output.OutputForwarder`; the settle rules decide every item's outcome.
+
+Linux only: it needs ``os.memfd_create``, ``SOCK_SEQPACKET``, ``PR_SET_CHILD_SUBREAPER``,
+``PR_SET_PDEATHSIG`` and ``/proc``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import selectors
+import socket
+import sys
+import threading
+import traceback
+import weakref
+from typing import Any, ClassVar
+
+from airflow_provider_safeproc.errors import BrokenPoolError
+from airflow_provider_safeproc.pool.engine import Engine, EngineSettings
+from airflow_provider_safeproc.pool.jobs import Job
+from airflow_provider_safeproc.pool.native.launcher import GuardianHandle
+from airflow_provider_safeproc.pool.native.output import OutputForwarder
+from airflow_provider_safeproc.pool.native.timeouts import TimeoutHandler
+from airflow_provider_safeproc.pool.native.workers import NativeWorker, Supervisor
+from airflow_provider_safeproc.pool.protocol import (
+    InitFailed,
+    LoadFunction,
+    LogLine,
+    Results,
+    RunChunk,
+    WorkerReady,
+)
+from airflow_provider_safeproc.pool.workqueue import WorkQueue
+from airflow_provider_safeproc.reaper import kill_process_tree_now
+from airflow_provider_safeproc.serialization import rebuild_exception
+from airflow_provider_safeproc.streams import send_frame
+
+_READ_SIZE = 1 << 20
+_QUIT_GRACE = 1.0
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class NativeEngine(Engine):
+    """See the module docstring. The executor holds this, not the other way round, so an
+    unreferenced executor can be garbage collected; its finalizer asks for a stop."""
+
+    name: ClassVar[str] = "native"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return f"it needs Linux (memfd_create, SOCK_SEQPACKET, PR_SET_CHILD_SUBREAPER, /proc), not {sys.platform}"
+        missing = [name for name in ("memfd_create", "posix_spawn", "pidfd_open") if not hasattr(os, name)]
+        if not hasattr(socket, "SOCK_SEQPACKET"):
+            missing.append("socket.SOCK_SEQPACKET")
+        if not os.path.isdir("/proc/self/fd"):
+            missing.append("/proc")
+        return f"this Python or kernel lacks {', '.join(missing)}" if missing else None
+
+    def __init__(self, queue: WorkQueue, settings: EngineSettings) -> None:
+        super().__init__(queue, settings)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        # Closed only when this object goes, never at interpreter exit: kill() and the at-exit
+        # stop may write to it at any time, and must never hit a descriptor number reused meanwhile.
+        weakref.finalize(self, _close_fds, self.wake_r, self.wake_w).atexit = False
+        self.selector = selectors.DefaultSelector()
+        self.guardian = GuardianHandle(settings.start_method, settings.worker)
+        self.supervisor = Supervisor(
+            queue, self.guardian, self.selector, settings.max_workers, self._on_worker_exit
+        )
+        self.timeouts = TimeoutHandler(settings.item_timeout)
+        self.output = OutputForwarder(queue, self.supervisor, self.guardian)
+        self._seqs = itertools.count(1)
+        self.thread = threading.Thread(target=self._run, name="safeproc-dispatcher", daemon=True)
+        if settings.start_method == "fork":
+            # Forked now, from the caller's thread, before our own thread exists (see launcher).
+            self.guardian.start()
+
+    # --- any thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass  # full: a wake-up is pending anyway
+
+    def kill(self) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked copy of the owner: the pool is not ours
+        self.queue.state.mark_killed()
+        # Workers and whatever they started (a grandchild pool), children first so none
+        # escapes by reparenting; the guardian then sweeps anything that appeared meanwhile.
+        kill_process_tree_now(list(self.supervisor.pids))
+        self.guardian.kill_now()
+        self.wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        return self.supervisor.pids
+
+    def forget_after_fork(self) -> None:
+        self.supervisor.forget_after_fork()
+        self.guardian.forget_after_fork()
+
+    # --- the engine's thread -------------------------------------------------------------
+    def _run(self) -> None:
+        queue = self.queue
+        try:
+            self._start_guardian()
+            while not queue.loop_done(workers_busy=self.supervisor.any_busy()):
+                for job in queue.take_incoming():
+                    self._cancel_running(job)
+                self._hand_out_work()
+                self.supervisor.start_as_needed()
+                if queue.loop_done(workers_busy=self.supervisor.any_busy()):
+                    break
+                self._wait_for_events()
+                self.timeouts.check(self.supervisor.workers.values())
+        except BaseException as exc:  # a bug here must fail the work, never hang it
+            queue.state.mark_broken(
+                BrokenPoolError(f"the pool's dispatcher failed: {exc!r}\n{traceback.format_exc()}")
+            )
+        finally:
+            self._teardown()
+
+    def _start_guardian(self) -> None:
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        state = self.queue.state
+        with state.lock:  # work queued before a stop must still run: start unless there is none
+            needed = not state.killed and not (state.shutdown_requested and not self.queue.has_incoming())
+        if self.guardian.pid is None and needed:
+            self.guardian.start()
+        if self.guardian.sock is not None and self.guardian.err_fd is not None:
+            self.selector.register(self.guardian.sock, selectors.EVENT_READ, ("guardian", None))
+            self.selector.register(self.guardian.err_fd, selectors.EVENT_READ, ("guardian_err", None))
+        if state.killed:
+            self.kill()
+
+    def _hand_out_work(self) -> None:
+        idle = self.supervisor.idle()
+        while idle:
+            dispatch = self.queue.next_dispatch()
+            if dispatch is None:
+                return
+            worker = idle.pop()
+            worker.assign(dispatch, next(self._seqs))
+            job = dispatch.job
+            try:
+                if job.fn_id is not None and job.fn_id not in worker.fns:
+                    send_frame(worker.sock, LoadFunction(job.fn_id), job.fn_blob or b"")
+                    worker.fns.add(job.fn_id)
+                forget = tuple(worker.fns & self.queue.finished_fns)
+                worker.fns -= set(forget)
+                message = RunChunk(
+                    worker.seq,
+                    job.fn_id,
+                    job.star,
+                    job.tag_offset + dispatch.base,
+                    tuple(dispatch.positions),
+                    dispatch.precise,
+                    forget,
+                )
+                send_frame(worker.sock, message, job.chunks[dispatch.chunk] or b"")
+            except OSError:
+                # The worker died under us; its exit report will settle the whole dispatch.
+                worker.state = "closing"
+
+    def _cancel_running(self, job: Job) -> None:
+        """A cancelled map: workers running a chunk of it stop before their next item."""
+        for worker in self.supervisor.workers.values():
+            if worker.dispatch is not None and worker.dispatch.job is job:
+                worker.status.cancel(worker.seq)
+
+    def _wait_for_events(self) -> None:
+        timeout = self.timeouts.next_wake(self.supervisor.workers.values())
+        for key, _ in self.selector.select(timeout):
+            kind, worker = key.data
+            if kind == "wake":
+                _drain(self.wake_r)
+            elif kind == "guardian":
+                self._read_guardian()
+            elif kind == "guardian_err":
+                self.output.from_guardian()
+            elif kind == "worker":
+                self._read_worker(worker, drain=False)
+            elif kind == "output":
+                self.output.from_worker(worker)
+
+    def _read_guardian(self) -> None:
+        while True:
+            message = self.guardian.receive()
+            if message == "empty":
+                return
+            if message == "gone":
+                assert self.guardian.sock is not None
+                self.selector.unregister(self.guardian.sock)
+                self.supervisor.guardian_gone(self.guardian.wait(1.0))
+                return
+            self.supervisor.on_guardian(message)
+            if self.queue.state.killed:
+                self.kill()  # a worker started after kill(): end it too
+
+    def _read_worker(self, worker: NativeWorker, *, drain: bool) -> None:
+        while True:
+            try:
+                data = worker.sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.supervisor.closed_by_peer(worker)
+                return
+            for message, blob in worker.frames.feed(data):
+                self._on_message(worker, message, blob)
+            if not drain and len(data) < _READ_SIZE:
+                return
+
+    def _on_message(self, worker: NativeWorker, message: Any, blob: bytes) -> None:
+        if isinstance(message, LogLine):
+            self.queue.output(worker.pid, message.item, message.text)
+        elif isinstance(message, Results):
+            job = self.queue.settle_results(worker, message, blob)
+            if job is not None and job.cancelled:
+                self.queue.take_incoming()
+                self._cancel_running(job)
+        elif isinstance(message, WorkerReady):
+            self.supervisor.ready(worker)
+        elif isinstance(message, InitFailed):
+            error = BrokenPoolError(
+                f"the initializer failed in worker {message.pid}: {message.error['type']}: {message.error['message']}"
+            )
+            error.__cause__ = rebuild_exception(message.error)
+            self.queue.state.mark_broken(error)
+
+    def _on_worker_exit(self, worker: NativeWorker, exitcode: int) -> None:
+        """The guardian reaped ``worker``: settle what it was doing, then forget it."""
+        self._read_worker(worker, drain=True)
+        self.output.from_worker(worker, final=True)
+        if worker.dispatch is not None:
+            self.queue.settle_lost(worker, exitcode, worker.status.read())
+        else:
+            self.supervisor.exited_before_ready(worker, exitcode)
+        self.supervisor.remove(worker)
+
+    def _teardown(self) -> None:
+        state = self.queue.state
+        if state.killed:
+            self.kill()  # again: workers and the guardian may have started since
+        self.queue.close()
+        self.supervisor.close_all()
+        if self.guardian.pid is not None:
+            idle = not (state.killed or state.terminate_requested or state.broken is not None)
+            self.guardian.quit(_QUIT_GRACE, idle=idle)
+            if self.guardian.wait(_QUIT_GRACE + 5.0) is None:
+                kill_process_tree_now([self.guardian.pid])
+                self.guardian.wait(5.0)
+            self.output.from_guardian(final=True)
+        self.guardian.close()
+        self.selector.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
