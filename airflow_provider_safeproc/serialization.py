@@ -23,6 +23,10 @@ import cloudpickle
 from airflow_provider_safeproc.errors import RemoteError, RemoteTraceback, SerializationError
 
 _DAG_MODULE_PREFIX = "unusual_prefix_"
+_INHERITANCE_HINT = (
+    "multiprocessing queues, locks and events reach workers through the pool's initializer "
+    "(initargs=...); to pass one to items, use a multiprocessing.Manager() queue, dict or lock"
+)
 _EMPTY_CELL = object()
 _checked_modules: dict[str, bool] = {}
 
@@ -73,6 +77,8 @@ def dumps(obj: Any, *, what: str, item: int | None = None) -> bytes:
     # call sys.exit(): the object is at fault, not the caller, so that too is a SerializationError.
     except (Exception, SystemExit) as exc:
         reason = str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {exc}"
+        if "through inheritance" in reason:  # a multiprocessing queue, lock or event
+            reason += f"; {_INHERITANCE_HINT}"
         raise SerializationError(what, _describe_unpicklable(obj), reason, item=item) from exc
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import abc
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from airflow_provider_safeproc.errors import ConfigurationError
 from airflow_provider_safeproc.pool.protocol import WorkerConfig
@@ -38,6 +39,8 @@ class EngineSettings:
     start_method: str
     item_timeout: float | None
     worker: WorkerConfig
+    #: ``start_method="fork"``: (initializer, initargs) as objects, inherited by the workers
+    inherited_initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
 
 
 class Engine(abc.ABC):

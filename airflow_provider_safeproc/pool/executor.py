@@ -38,6 +38,7 @@ from airflow_provider_safeproc.pool.jobs import (
     new_fn_id,
 )
 from airflow_provider_safeproc.pool.protocol import MAX_CHUNK, WorkerConfig
+from airflow_provider_safeproc.pool.sharing import find_shared_fds, pickle_for_workers
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.serialization import dumps, register_unimportable_modules
 from airflow_provider_safeproc.validation import (
@@ -124,10 +125,17 @@ class SafeProcessPoolExecutor(Executor):
         check_tuple("initargs", initargs)
         check_callable("log", log, allow_none=True)
         check_callable("progress", progress, allow_none=True)
-        init_blob = None
+        init_blob: bytes | None = None
+        shared_fds: tuple[int, ...] = ()
+        inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
         if initializer is not None:
             register_unimportable_modules(initializer, *initargs)
-            init_blob = dumps((initializer, initargs), what="initializer and initargs")
+            if method == "fork":  # as the stdlib's fork: the objects themselves, inherited
+                inherited, shared_fds = (initializer, initargs), find_shared_fds(initargs)
+            else:
+                init_blob, shared_fds = pickle_for_workers(
+                    (initializer, initargs), what="initializer and initargs"
+                )
         if method == "fork":
             _warn_about_threads()
         self._progress = progress
@@ -142,9 +150,10 @@ class SafeProcessPoolExecutor(Executor):
             stamp_every_item=self._item_timeout is not None or max_memory is not None,
             environment={},
             authkey=bytes(multiprocessing.current_process().authkey),
+            shared_fds=shared_fds,
         )
         self._queue = WorkQueue(log=log or _default_log, item_timeout=self._item_timeout)
-        settings = EngineSettings(self._max_workers, method, self._item_timeout, config)
+        settings = EngineSettings(self._max_workers, method, self._item_timeout, config, inherited)
         engine = create_engine("native", self._queue, settings)
         self._engine = engine
         _live_engines.add(engine)

@@ -178,9 +178,10 @@ class WorkerConfig:
 
     sys_path: list[str]
     log_level: int
-    initializer: bytes | None  # cloudpickle of (initializer, initargs)
+    initializer: bytes | None  # (initializer, initargs) pickled as for a spawned process (see sharing)
     max_tasks: int | None  # items before the worker retires
     max_memory: int | None  # bytes of resident memory after which the worker retires
     stamp_every_item: bool  # a timeout or a memory limit is checked per item: no fast segments
     environment: dict[str, str]  # set in the worker before anything is unpickled
     authkey: bytes  # the pool owner's multiprocessing authkey: Manager proxies work in workers
+    shared_fds: tuple[int, ...] = ()  # descriptors of initargs' queues and pipes: kept open at their numbers

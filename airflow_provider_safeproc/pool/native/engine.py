@@ -80,7 +80,7 @@ class NativeEngine(Engine):
         # stop may write to it at any time, and must never hit a descriptor number reused meanwhile.
         weakref.finalize(self, _close_fds, self.wake_r, self.wake_w).atexit = False
         self.selector = selectors.DefaultSelector()
-        self.guardian = GuardianHandle(settings.start_method, settings.worker)
+        self.guardian = GuardianHandle(settings.start_method, settings.worker, settings.inherited_initializer)
         self.supervisor = Supervisor(
             queue, self.guardian, self.selector, settings.max_workers, self._on_worker_exit
         )

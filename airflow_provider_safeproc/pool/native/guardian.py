@@ -29,8 +29,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from airflow_provider_safeproc.pool.native import worker
 from airflow_provider_safeproc.pool.native.control import (
@@ -78,19 +79,35 @@ def main(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> No
     _run(ctrl_fd, config_fd, parent_pid, worker_start)
 
 
-def run_forked(ctrl_fd: int, config_fd: int, err_fd: int, parent_pid: int) -> NoReturn:
-    """Entry point in a guardian forked from the pool's process (``start_method="fork"``)."""
+def run_forked(
+    ctrl_fd: int,
+    config_fd: int,
+    err_fd: int,
+    parent_pid: int,
+    shared_fds: tuple[int, ...],
+    inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None,
+) -> NoReturn:
+    """Entry point in a guardian forked from the pool's process (``start_method="fork"``).
+
+    ``inherited``: the initializer and its args, as objects (the workers are forks of us).
+    """
     try:
         reset_signals(every_handler=True)
         set_std_fds(None, err_fd)
-        neutralize_other_fds({0, 1, 2, ctrl_fd, config_fd})
+        neutralize_other_fds({0, 1, 2, ctrl_fd, config_fd, *shared_fds})
         sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     except BaseException:
         os._exit(1)
-    _run(ctrl_fd, config_fd, parent_pid, "fork")
+    _run(ctrl_fd, config_fd, parent_pid, "fork", inherited)
 
 
-def _run(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> NoReturn:
+def _run(
+    ctrl_fd: int,
+    config_fd: int,
+    parent_pid: int,
+    worker_start: str,
+    inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
+) -> NoReturn:
     code = 0
     try:
         os.set_inheritable(ctrl_fd, False)
@@ -99,7 +116,9 @@ def _run(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> No
         config_bytes = os.pread(config_fd, os.fstat(config_fd).st_size, 0)
         config: WorkerConfig = pickle.loads(config_bytes)
         sys.path[:] = config.sys_path
-        _Guardian(ctrl, config_fd, config_bytes, parent_pid, worker_start).serve()
+        for fd in config.shared_fds:
+            os.set_inheritable(fd, True)  # spawned workers get them at the same numbers
+        _Guardian(ctrl, config_fd, config_bytes, parent_pid, worker_start, inherited).serve()
     except BaseException:  # report, then end the tree anyway
         code = 70
         traceback.print_exc()
@@ -109,13 +128,20 @@ def _run(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> No
 
 class _Guardian:
     def __init__(
-        self, ctrl: socket.socket, config_fd: int, config_bytes: bytes, parent_pid: int, worker_start: str
+        self,
+        ctrl: socket.socket,
+        config_fd: int,
+        config_bytes: bytes,
+        parent_pid: int,
+        worker_start: str,
+        inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None,
     ) -> None:
         self.ctrl = ctrl
         self.config_fd = config_fd
         self.config_bytes = config_bytes
         self.parent_pid = parent_pid
         self.worker_start = worker_start
+        self.inherited = inherited
         self.workers: set[int] = set()
         self.stopping = False
 
@@ -195,25 +221,22 @@ class _Guardian:
         if pid == 0:
             try:
                 self.ctrl.detach()
-                worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me)
+                worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me, self.inherited)
             finally:
                 os._exit(70)
         return pid
 
     def _spawn_worker(self, sock_fd: int, out_fd: int, status_fd: int) -> int:
-        # Move our fds out of the way first, so that no dup2 below overwrites a source fd.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (sock_fd, status_fd, self.config_fd)]
+        # Inheritable copies above every number in use, so that no dup2 below and no shared
+        # descriptor (initargs' queues, at their numbers) is overwritten; the worker is told them.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (sock_fd, status_fd, self.config_fd)]
         try:
             actions = [
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, out_fd, 1),
                 (os.POSIX_SPAWN_DUP2, out_fd, 2),
-                *(
-                    (os.POSIX_SPAWN_DUP2, fd, target)
-                    for fd, target in zip(high, worker.SPAWN_FDS, strict=True)
-                ),
             ]
-            argv = entry_point_argv(worker.spawn_main, os.getpid())
+            argv = entry_point_argv(worker.spawn_main, os.getpid(), *high)
             return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
         finally:
             for fd in high:

@@ -16,7 +16,8 @@ import socket
 import subprocess
 import time
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from airflow_provider_safeproc.pool.native import guardian
 from airflow_provider_safeproc.pool.native.control import FromGuardian, Quit, SpawnWorker
@@ -27,9 +28,16 @@ from airflow_provider_safeproc.pool.protocol import WorkerConfig
 class GuardianHandle:
     """The guardian process of one pool: start it, ask it for workers, stop it."""
 
-    def __init__(self, start_method: str, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        start_method: str,
+        config: WorkerConfig,
+        inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
+    ) -> None:
         self.start_method = start_method
         self.config_bytes = pickle.dumps(config, protocol=5)
+        self.shared_fds = config.shared_fds
+        self.inherited = inherited  # fork: the initializer and its args, reach workers by inheritance
         self.pid: int | None = None
         self.sock: socket.socket | None = None
         self.err_fd: int | None = None  # the guardian's stderr (and a forked guardian's stdout)
@@ -49,7 +57,7 @@ class GuardianHandle:
                 worker_start = "spawn" if self.start_method == "spawn" else "fork"
                 self._popen = subprocess.Popen(
                     entry_point_argv(guardian.main, child.fileno(), config_fd, os.getpid(), worker_start),
-                    pass_fds=(child.fileno(), config_fd),
+                    pass_fds=(child.fileno(), config_fd, *self.shared_fds),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=err_w,
@@ -77,7 +85,7 @@ class GuardianHandle:
             pid = os.fork()
         if pid == 0:
             try:
-                guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid)
+                guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid, self.shared_fds, self.inherited)
             finally:
                 os._exit(70)
         return pid

@@ -96,9 +96,15 @@ class WorkerLoop:
     """The worker's loop: load callables, run chunks, send results, retire when told to."""
 
     def __init__(
-        self, channel: Channel, status: StatusSlot, sinks: list[LineSink], config: WorkerConfig
+        self,
+        channel: Channel,
+        status: StatusSlot,
+        sinks: list[LineSink],
+        config: WorkerConfig,
+        inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
     ) -> None:
         self.channel = channel
+        self.inherited = inherited  # fork: the initializer and its args, inherited as objects
         self.status = status
         self.sinks = sinks
         self.config = config
@@ -108,9 +114,9 @@ class WorkerLoop:
         self.tasks_done = 0
 
     def serve(self) -> None:
-        if self.config.initializer is not None:
+        if self.config.initializer is not None or self.inherited is not None:
             try:
-                fn, args = loads(self.config.initializer)
+                fn, args = self.inherited or loads(self.config.initializer or b"")
                 fn(*args)
             except BaseException as exc:  # reported to the pool, which breaks
                 end_item_output(self.sinks)

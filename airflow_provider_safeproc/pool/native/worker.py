@@ -23,7 +23,8 @@ import pickle
 import signal
 import socket
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from airflow_provider_safeproc.pool.native.loop import WorkerLoop
 from airflow_provider_safeproc.pool.native.process_setup import (
@@ -35,12 +36,14 @@ from airflow_provider_safeproc.pool.native.worker_output import Channel, redirec
 from airflow_provider_safeproc.pool.protocol import StatusSlot, WorkerConfig
 from airflow_provider_safeproc.reaper import set_parent_death_signal
 
-# fd numbers a spawned worker finds its channel, status slot and configuration on
-SPAWN_FDS = (3, 4, 5)
-
 
 def serve_forked(
-    sock_fd: int, out_fd: int, status_fd: int, config_bytes: bytes, guardian_pid: int
+    sock_fd: int,
+    out_fd: int,
+    status_fd: int,
+    config_bytes: bytes,
+    guardian_pid: int,
+    inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
 ) -> NoReturn:
     """Entry point in a child just forked from the guardian."""
     reset_signals()
@@ -48,26 +51,32 @@ def serve_forked(
     if os.getppid() != guardian_pid:
         os._exit(1)
     set_std_fds(out_fd, out_fd)
-    neutralize_other_fds({0, 1, 2, sock_fd, status_fd})
-    _serve(sock_fd, status_fd, config_bytes)
+    config: WorkerConfig = pickle.loads(config_bytes)
+    neutralize_other_fds({0, 1, 2, sock_fd, status_fd, *config.shared_fds})
+    _serve(sock_fd, status_fd, config, inherited)
 
 
-def spawn_main(guardian_pid: int) -> NoReturn:
+def spawn_main(guardian_pid: int, sock_fd: int, status_fd: int, config_fd: int) -> NoReturn:
     """Entry point of a fresh interpreter exec'd by the guardian (``spawn`` start method)."""
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != guardian_pid:
         os._exit(1)
     reset_signals()
-    sock_fd, status_fd, config_fd = SPAWN_FDS
+    for fd in (sock_fd, status_fd, config_fd):
+        os.set_inheritable(fd, False)
     config_bytes = os.pread(config_fd, os.fstat(config_fd).st_size, 0)
     os.close(config_fd)
-    _serve(sock_fd, status_fd, config_bytes)
+    _serve(sock_fd, status_fd, pickle.loads(config_bytes))
 
 
-def _serve(sock_fd: int, status_fd: int, config_bytes: bytes) -> NoReturn:
+def _serve(
+    sock_fd: int,
+    status_fd: int,
+    config: WorkerConfig,
+    inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
+) -> NoReturn:
     code = 0
     try:
-        config: WorkerConfig = pickle.loads(config_bytes)
         sys.path[:] = config.sys_path
         os.environ.update(config.environment)
         multiprocessing.current_process().authkey = config.authkey
@@ -77,7 +86,7 @@ def _serve(sock_fd: int, status_fd: int, config_bytes: bytes) -> NoReturn:
         os.close(status_fd)
         channel = Channel(sock)
         sinks = redirect_output(channel, config.log_level)
-        WorkerLoop(channel, status, sinks, config).serve()
+        WorkerLoop(channel, status, sinks, config, inherited).serve()
     except BaseException:  # a worker must never die with a traceback nobody sees
         code = 70
         try:
