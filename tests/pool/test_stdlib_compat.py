@@ -86,7 +86,9 @@ def test_workers_logging_reaches_the_parent_through_a_queue_handler(start_method
     listener = logging.handlers.QueueListener(queue, Collect())
     listener.start()
     try:
-        with SafeProcessPoolExecutor(2, start_method=start_method, initializer=_log_to_queue, initargs=(queue,)) as pool:
+        with SafeProcessPoolExecutor(
+            2, start_method=start_method, initializer=_log_to_queue, initargs=(queue,)
+        ) as pool:
             assert list(pool.map(_log, range(3))) == [0, 1, 2]
     finally:
         listener.stop()
@@ -96,7 +98,7 @@ def test_workers_logging_reaches_the_parent_through_a_queue_handler(start_method
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_objects_of_the_fork_context_are_refused_where_the_stdlib_refuses_them(start_method):
     lock = multiprocessing.get_context("fork").Lock()
-    with pytest.raises(ConfigurationError, match="made by the 'fork' context.*start_method='fork'"):
+    with pytest.raises(ConfigurationError, match=r"made by the 'fork' context.*start_method='fork'"):
         SafeProcessPoolExecutor(1, start_method=start_method, initializer=_keep, initargs=(lock,))
 
 
