@@ -157,6 +157,21 @@ class ItemTimeoutError(SafeprocError, TimeoutError):
         self.pid = pid
 
 
+class ItemSoftTimeoutError(SafeprocError, TimeoutError):
+    """Raised *inside* an item that ran longer than ``item_soft_timeout``, so it can clean up.
+
+    Billiard's ``SoftTimeLimitExceeded`` idea: the item may catch it, close what it opened and
+    return (then it succeeds with what it returned), or let it propagate (then it fails with
+    this error and counts toward ``item_retries``). With ``item_timeout`` too, an item still
+    running at the hard limit is killed.
+    """
+
+    def __init__(self, *, item: int | None, timeout: float) -> None:
+        super().__init__(f"item {item} exceeded item_soft_timeout={timeout:g} s")
+        self.item = item
+        self.timeout = timeout
+
+
 class InterpreterDiedError(SafeprocError):
     """The fresh interpreter ended without returning a result (signal or ``os._exit``)."""
 

@@ -39,6 +39,7 @@ __all__ = [
     "reap_process_tree",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "signal_process",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -120,12 +121,18 @@ def descendant_pids(pid: int | None = None) -> list[int]:
     return _tree([os.getpid() if pid is None else pid], include_roots=False)
 
 
+def signal_process(pid: int, sig: int) -> bool:
+    """``os.kill`` that tells instead of raising: False when the process is gone."""
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        return False
+    return True
+
+
 def _signal_all(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+        signal_process(pid, sig)
 
 
 def kill_process_tree_now(roots: Iterable[int], *, include_roots: bool = True) -> None:

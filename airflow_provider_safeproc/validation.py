@@ -99,6 +99,18 @@ def start_method_of_context(mp_context: Any, start_method: Any) -> StartMethod |
     return chosen
 
 
+def check_item_timeouts(item_timeout: Any, item_soft_timeout: Any) -> tuple[float | None, float | None]:
+    """``(item_timeout, item_soft_timeout)``, each a number > 0 or None; soft below hard."""
+    hard = check_positive_number("item_timeout", item_timeout, unit="seconds")
+    soft = check_positive_number("item_soft_timeout", item_soft_timeout, unit="seconds")
+    if hard is not None and soft is not None and soft >= hard:
+        raise ConfigurationError(
+            f"item_soft_timeout ({soft:g} s) must be below item_timeout ({hard:g} s): the soft limit "
+            "asks the item to stop and clean up, the hard one then kills it"
+        )
+    return hard, soft
+
+
 def check_callable(name: str, value: Any, *, allow_none: bool = False) -> Any:
     """A callable (None too when ``allow_none``): the one check for every callable argument."""
     if (value is None and allow_none) or callable(value):

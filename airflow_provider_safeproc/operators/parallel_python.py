@@ -27,6 +27,7 @@ from airflow_provider_safeproc.validation import (
     StartMethod,
     check_callable,
     check_choice,
+    check_item_timeouts,
     check_non_negative_int,
     check_positive_int,
     check_positive_number,
@@ -64,6 +65,10 @@ class ParallelPythonOperator(_compat.BaseOperator):
         and workers. An int >= 1.
     :param item_timeout: Seconds one item may run; past it the worker is killed and replaced and
         the item fails with ``ItemTimeoutError``. None: no limit.
+    :param item_soft_timeout: Seconds after which ``ItemSoftTimeoutError`` is raised inside the
+        running item, so it can clean up (close a browser, a connection). An item that catches
+        it and returns succeeds; one that lets it propagate fails (and counts toward
+        ``item_retries``). Below ``item_timeout`` when both are set. None: no soft limit.
     :param item_retries: Times an item that raised, timed out or lost its worker is run again
         before it counts as failed. An int >= 0.
     :param on_item_error: ``"fail"``: stop at the first failed item, cancel the rest and fail the
@@ -92,6 +97,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         max_workers: int | None = None,
         chunksize: int | None = None,
         item_timeout: float | None = None,
+        item_soft_timeout: float | None = None,
         item_retries: int = 0,
         on_item_error: OnItemError = "fail",
         start_method: StartMethod | None = None,
@@ -106,7 +112,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
         self.max_workers = check_positive_int("max_workers", max_workers)
         self.chunksize = check_positive_int("chunksize", chunksize)
-        self.item_timeout = check_positive_number("item_timeout", item_timeout, unit="seconds")
+        self.item_timeout, self.item_soft_timeout = check_item_timeouts(item_timeout, item_soft_timeout)
         self.item_retries = check_non_negative_int("item_retries", item_retries)
         self.on_item_error = check_choice("on_item_error", on_item_error, ON_ITEM_ERROR)
         self.start_method = check_start_method(start_method)
@@ -135,6 +141,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
             self.max_workers or _config.default_max_workers(),
             start_method=self.start_method or _config.default_start_method(),
             item_timeout=self.item_timeout,
+            item_soft_timeout=self.item_soft_timeout,
             max_tasks_per_child=self.max_tasks_per_child,
             max_memory_per_child=self.max_memory_per_child,
             initializer=refuse_task_context,

@@ -44,6 +44,7 @@ from airflow_provider_safeproc.serialization import dumps, register_unimportable
 from airflow_provider_safeproc.validation import (
     StartMethod,
     check_callable,
+    check_item_timeouts,
     check_non_negative_int,
     check_positive_int,
     check_positive_number,
@@ -86,6 +87,9 @@ class SafeProcessPoolExecutor(Executor):
         threads run, as forking them can deadlock).
     :param item_timeout: seconds an item may run; past it the worker (and everything it
         started) is killed and replaced, and the item fails with ``ItemTimeoutError``.
+    :param item_soft_timeout: seconds after which ``ItemSoftTimeoutError`` is raised inside the
+        running item, so it can clean up (close a browser, a connection); an item that catches
+        it and returns succeeds. Below ``item_timeout`` when both are given.
     :param max_tasks_per_child: items a worker runs before it is replaced (items, not
         ``submit`` calls or chunks).
     :param max_memory_per_child: MiB of resident memory after which a worker is replaced
@@ -106,6 +110,7 @@ class SafeProcessPoolExecutor(Executor):
         mp_context: Any = None,
         start_method: StartMethod | None = None,
         item_timeout: float | None = None,
+        item_soft_timeout: float | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
         initializer: Callable[..., Any] | None = None,
@@ -118,7 +123,7 @@ class SafeProcessPoolExecutor(Executor):
         method = start_method_of_context(mp_context, start_method) or DEFAULT_START_METHOD
         if method == "fork" and not hasattr(os, "fork"):
             raise ConfigurationError("start_method='fork' needs os.fork, which this platform lacks")
-        self._item_timeout = check_positive_number("item_timeout", item_timeout)
+        self._item_timeout, soft_timeout = check_item_timeouts(item_timeout, item_soft_timeout)
         max_tasks = check_positive_int("max_tasks_per_child", max_tasks_per_child)
         max_memory = check_positive_number("max_memory_per_child", max_memory_per_child)
         check_callable("initializer", initializer, allow_none=True)
@@ -147,7 +152,10 @@ class SafeProcessPoolExecutor(Executor):
             initializer=init_blob,
             max_tasks=max_tasks,
             max_memory=None if max_memory is None else int(max_memory * 1024 * 1024),
-            stamp_every_item=self._item_timeout is not None or max_memory is not None,
+            stamp_every_item=self._item_timeout is not None
+            or soft_timeout is not None
+            or max_memory is not None,
+            item_soft_timeout=soft_timeout,
             environment={},
             authkey=bytes(multiprocessing.current_process().authkey),
             shared_fds=shared_fds,

@@ -136,9 +136,10 @@ class StatusSlot:
     """The worker's stamp of what it is doing, shared with the pool (see the module docstring).
 
     Layout: ``[0:8]`` status word, ``[8:16]`` start time (``time.monotonic``, shared by all
-    processes on Linux), ``[16:24]`` the dispatch seq the pool asks to cancel. Aligned 8-byte
-    stores are atomic on the platforms we run on; the time is written before the word, so a
-    reader that sees a word never pairs it with an older start time.
+    processes on Linux), ``[16:24]`` the dispatch seq the pool asks to cancel, ``[24:32]`` the
+    item (as a status word) the pool asks to stop at its soft timeout. Aligned 8-byte stores
+    are atomic on the platforms we run on; the time is written before the word, so a reader
+    that sees a word never pairs it with an older start time.
     """
 
     def __init__(self, fd: int) -> None:
@@ -155,6 +156,10 @@ class StatusSlot:
     def cancelled(self, seq: int) -> bool:
         return bool(_WORD.unpack_from(self._mm, 16)[0] == seq)
 
+    def soft_timeout_asked(self, seq: int, pos: int) -> bool:
+        """Whether the pool asked the item at ``(seq, pos)`` to stop (see :meth:`ask_soft_timeout`)."""
+        return bool(_WORD.unpack_from(self._mm, 24)[0] == (seq << _SEQ_SHIFT) | (pos << _POS_SHIFT) | 1)
+
     # pool side
     def read(self) -> Stamp:
         word = _WORD.unpack_from(self._mm, 0)[0]
@@ -164,6 +169,11 @@ class StatusSlot:
 
     def cancel(self, seq: int) -> None:
         _WORD.pack_into(self._mm, 16, seq)
+
+    def ask_soft_timeout(self, seq: int, pos: int) -> None:
+        """Name the item that must stop; the worker checks it when the signal arrives, so a
+        signal that comes late (the worker moved on to the next item) stops nothing."""
+        _WORD.pack_into(self._mm, 24, (seq << _SEQ_SHIFT) | (pos << _POS_SHIFT) | 1)
 
     def close(self) -> None:
         self._mm.close()
@@ -182,6 +192,7 @@ class WorkerConfig:
     max_tasks: int | None  # items before the worker retires
     max_memory: int | None  # bytes of resident memory after which the worker retires
     stamp_every_item: bool  # a timeout or a memory limit is checked per item: no fast segments
+    item_soft_timeout: float | None  # for the ItemSoftTimeoutError raised in the item
     environment: dict[str, str]  # set in the worker before anything is unpickled
     authkey: bytes  # the pool owner's multiprocessing authkey: Manager proxies work in workers
     shared_fds: tuple[int, ...] = ()  # descriptors of initargs' queues and pipes: kept open at their numbers

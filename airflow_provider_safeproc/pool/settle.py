@@ -66,6 +66,7 @@ class WorkerRecord:
         self.reported = 0
         self.kill_reason: Literal["timeout"] | None = None
         self.timed_out: tuple[int, int] | None = None  # (seq, position) killed for its timeout
+        self.soft_asked: tuple[int, int] | None = None  # (seq, position) told to stop (soft timeout)
 
     def assign(self, dispatch: Dispatch, seq: int) -> None:
         self.seq = seq

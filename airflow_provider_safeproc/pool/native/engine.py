@@ -84,7 +84,7 @@ class NativeEngine(Engine):
         self.supervisor = Supervisor(
             queue, self.guardian, self.selector, settings.max_workers, self._on_worker_exit
         )
-        self.timeouts = TimeoutHandler(settings.item_timeout)
+        self.timeouts = TimeoutHandler(settings.item_timeout, settings.worker.item_soft_timeout)
         self.output = OutputForwarder(queue, self.supervisor, self.guardian)
         self._seqs = itertools.count(1)
         self.thread = threading.Thread(target=self._run, name="safeproc-dispatcher", daemon=True)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
-from airflow_provider_safeproc.errors import SerializationError
+from airflow_provider_safeproc.errors import ItemSoftTimeoutError, SerializationError
 from airflow_provider_safeproc.pool.native.worker_output import Channel, LineSink, end_item_output
 from airflow_provider_safeproc.pool.protocol import (
     RAISED,
@@ -112,6 +114,16 @@ class WorkerLoop:
         self.item_seconds: dict[int | None, float] = {}  # mean item duration per callable
         self.chatty: set[int | None] = set()  # callables that printed inside a fast segment
         self.tasks_done = 0
+        self.current: tuple[int, int, int] | None = None  # (seq, position, item) being called
+        if config.item_soft_timeout is not None:
+            signal.signal(signal.SIGUSR1, self._on_soft_timeout)
+
+    def _on_soft_timeout(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 from the pool: stop the item it names, if that item is still running here."""
+        current = self.current
+        if current is not None and self.status.soft_timeout_asked(current[0], current[1]):
+            self.current = None  # once
+            raise ItemSoftTimeoutError(item=current[2], timeout=self.config.item_soft_timeout or 0.0)
 
     def serve(self) -> None:
         if self.config.initializer is not None or self.inherited is not None:
@@ -230,10 +242,21 @@ class WorkerLoop:
         started = time.monotonic()
         self.channel.item = base + pos
         status.running(seq, pos, started)
+        value: Any = _NOTHING
+        failure: dict[str, Any] | None = None
         try:
-            value = call(items[pos])
-        except BaseException as exc:  # SystemExit too: it is the item's outcome
-            batch.add_failure(k, RAISED, capture_exception(exc))
+            try:
+                self.current = (seq, pos, base + pos)
+                value = call(items[pos])
+            except BaseException as exc:  # SystemExit too: it is the item's outcome
+                failure = capture_exception(exc)
+            finally:
+                self.current = None
+        except ItemSoftTimeoutError as exc:  # the signal came as the item ended: the outcome stands
+            if value is _NOTHING and failure is None:
+                failure = capture_exception(exc)
+        if failure is not None:
+            batch.add_failure(k, RAISED, failure)
         else:
             status.running(seq, pos, started, Phase.RESULT)
             batch.add_pickled(k, value)
@@ -300,6 +323,9 @@ class WorkerLoop:
         if batch.raw:
             self.status.finished(seq, positions[batch.first])
         self.channel.send(Results(seq, batch.first, len(batch.values), final, rest, retire), blob)
+
+
+_NOTHING = object()
 
 
 def _rss_bytes() -> int:
