@@ -41,7 +41,9 @@ def _ignores_it(x):
 
 
 def test_an_item_that_catches_the_soft_timeout_succeeds_with_what_it_returned(start_method):
-    with SafeProcessPoolExecutor(2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=HARD) as pool:
+    with SafeProcessPoolExecutor(
+        2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=HARD
+    ) as pool:
         started = time.monotonic()
         assert pool.submit(_cleans_up, 4).result(timeout=30) == "closed the browser of item 4"
         assert time.monotonic() - started < HARD
@@ -60,7 +62,9 @@ def test_an_item_that_lets_it_propagate_fails_with_it(start_method, fn):
 
 
 def test_an_item_still_running_at_the_hard_limit_is_killed(start_method):
-    with SafeProcessPoolExecutor(2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=1.0) as pool:
+    with SafeProcessPoolExecutor(
+        2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=1.0
+    ) as pool:
         with pytest.raises(ItemTimeoutError, match="item 0 exceeded item_timeout=1 s"):
             pool.submit(_ignores_it, 0).result(timeout=30)
         assert pool.submit(_cleans_up, 1).result(timeout=30) == "closed the browser of item 1"  # goes on
