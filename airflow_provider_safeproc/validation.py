@@ -16,8 +16,10 @@ from airflow_provider_safeproc.errors import ConfigurationError
 
 StartMethod = Literal["forkserver", "spawn", "fork"]
 OnItemError = Literal["fail", "continue"]
+EngineName = Literal["native", "billiard"]
 START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
 ON_ITEM_ERROR: tuple[OnItemError, ...] = get_args(OnItemError)
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 
 _Choice = TypeVar("_Choice", bound=str)
 
@@ -71,6 +73,11 @@ def check_choice(
 def check_start_method(value: Any) -> StartMethod | None:
     """``None`` (a safe default) or one of :data:`START_METHODS`."""
     return check_choice("start_method", value, START_METHODS, allow_none=True)
+
+
+def check_engine(value: Any) -> EngineName | None:
+    """``None`` (native where it can run, billiard elsewhere) or one of :data:`ENGINES`."""
+    return check_choice("engine", value, ENGINES, allow_none=True)
 
 
 def start_method_of_context(mp_context: Any, start_method: Any) -> StartMethod | None:

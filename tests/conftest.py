@@ -34,6 +34,7 @@ from airflow_provider_safeproc.validation import START_METHODS  # noqa: E402
 from tests.harness.airflow_dags import DagRunner  # noqa: E402
 from tests.harness.daemon import run_in_daemon as _run_in_daemon  # noqa: E402
 from tests.harness.forkcheck import fail_on_fork_with_threads  # noqa: E402
+from tests.harness.pool_kinds import POOL_KINDS, PoolKind  # noqa: E402
 from tests.harness.processes import leftover_descendants, reap_leftovers  # noqa: E402
 
 
@@ -93,8 +94,16 @@ def daemon_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(params=START_METHODS)
 def start_method(request: pytest.FixtureRequest) -> str:
-    """Parametrizes a test over every start method: the pool's contract holds for each."""
+    """Parametrizes a test over every start method of the native engine."""
     return str(request.param)
+
+
+@pytest.fixture(params=POOL_KINDS, ids=str)
+def pool_kind(request: pytest.FixtureRequest) -> PoolKind:
+    """Parametrizes a contract test over every engine and each of its start methods:
+    ``SafeProcessPoolExecutor(2, **pool_kind.kwargs)``."""
+    kind: PoolKind = request.param
+    return kind
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ How work travels (the caller's thread on the left, the engine's thread and proce
     Job + Dispatches ---> WorkQueue ---> next_dispatch() ---RunChunk---> worker
       (jobs.py)          (workqueue.py)   (engine)          frames      | stamps the status slot
                                                           (protocol.py) | runs the items
-                                                                         v (loop.py)
+                                                                         v (worker_loop.py)
     Future / iterator <--- Job.record <--- settle rules <---Results----- worker
       (results in order)   (jobs.py)      (settle.py)        LogLine
                                               ^
@@ -23,6 +23,8 @@ Modules:
 - ``workqueue``: the queue of dispatches and the pool's lifecycle state, shared with the engine.
 - ``settle``: the rules that turn reports and deaths into exactly one outcome per item.
 - ``protocol``: the messages between the pool and its workers, the status slot, the config.
+- ``worker_loop``, ``worker_output``: inside a worker, whatever started it: running chunks
+  under stamps, and sending what the items print, tagged.
 - ``engine``: the seam an engine implements; ``native/``: the engine of guardian, dispatcher
   thread and lean workers (Linux).
 

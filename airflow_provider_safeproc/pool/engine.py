@@ -86,7 +86,10 @@ class Engine(abc.ABC):
 
 
 # name -> "module:class", imported only when chosen
-_ENGINES = {"native": "airflow_provider_safeproc.pool.native.engine:NativeEngine"}
+_ENGINES = {
+    "native": "airflow_provider_safeproc.pool.native.engine:NativeEngine",
+    "billiard": "airflow_provider_safeproc.pool.billiard.engine:BilliardEngine",
+}
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -95,10 +98,20 @@ def engine_class(name: str) -> type[Engine]:
     return cls
 
 
+def choose_engine(name: str | None) -> tuple[str, str]:
+    """The engine to run and why: the one asked for (ConfigurationError when it cannot run
+    here, with the reason), else native where the platform has what it needs, else billiard."""
+    if name is not None:
+        reason = engine_class(name).unavailable_reason()
+        if reason is not None:
+            raise ConfigurationError(f"engine={name!r} cannot run on this machine: {reason}")
+        return name, "asked for"
+    reason = engine_class("native").unavailable_reason()
+    if reason is None:
+        return "native", "chosen automatically: this machine has what it needs"
+    return "billiard", f"chosen automatically: the native engine cannot run here ({reason})"
+
+
 def create_engine(name: str, queue: WorkQueue, settings: EngineSettings) -> Engine:
-    """The engine called ``name``; ConfigurationError when it cannot run here, with why."""
-    cls = engine_class(name)
-    reason = cls.unavailable_reason()
-    if reason is not None:
-        raise ConfigurationError(f"engine={name!r} cannot run on this machine: {reason}")
-    return cls(queue, settings)
+    """The engine called ``name`` (see :func:`choose_engine`)."""
+    return engine_class(name)(queue, settings)

@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 from airflow_provider_safeproc._after_fork import forget_in_forked_child
 from airflow_provider_safeproc.cpu import effective_cpu_count
 from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
-from airflow_provider_safeproc.pool.engine import Engine, EngineSettings, create_engine
+from airflow_provider_safeproc.pool.engine import Engine, EngineSettings, choose_engine, create_engine
 from airflow_provider_safeproc.pool.jobs import (
     CANCELLED_STATE,
     FAILED_STATE,
@@ -42,8 +42,10 @@ from airflow_provider_safeproc.pool.sharing import find_shared_fds, pickle_for_w
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.serialization import dumps, register_unimportable_modules
 from airflow_provider_safeproc.validation import (
+    EngineName,
     StartMethod,
     check_callable,
+    check_engine,
     check_item_timeouts,
     check_non_negative_int,
     check_positive_int,
@@ -58,6 +60,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 DEFAULT_START_METHOD: StartMethod = "forkserver"
+_logger = logging.getLogger(__name__)
 # Automatic chunks: this many per worker for the whole map (the stdlib's Pool uses 4).
 _CHUNKS_PER_WORKER = 8
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -84,7 +87,10 @@ class SafeProcessPoolExecutor(Executor):
     :param start_method: ``"forkserver"`` (default: workers forked from a lean helper
         interpreter), ``"spawn"`` (a fresh interpreter per worker) or ``"fork"`` (workers
         are copies of this process as it is when the pool is created; warns if other
-        threads run, as forking them can deadlock).
+        threads run, as forking them can deadlock; native engine only).
+    :param engine: ``"native"`` (Linux: a guardian helper, lean workers, zero-copy data),
+        ``"billiard"`` (a billiard pool in a lean helper: portable, e.g. macOS), or None: native
+        where the machine has what it needs, billiard elsewhere (logged, with why).
     :param item_timeout: seconds an item may run; past it the worker (and everything it
         started) is killed and replaced, and the item fails with ``ItemTimeoutError``.
     :param item_soft_timeout: seconds after which ``ItemSoftTimeoutError`` is raised inside the
@@ -109,6 +115,7 @@ class SafeProcessPoolExecutor(Executor):
         *,
         mp_context: Any = None,
         start_method: StartMethod | None = None,
+        engine: EngineName | None = None,
         item_timeout: float | None = None,
         item_soft_timeout: float | None = None,
         max_tasks_per_child: int | None = None,
@@ -123,6 +130,12 @@ class SafeProcessPoolExecutor(Executor):
         method = start_method_of_context(mp_context, start_method) or DEFAULT_START_METHOD
         if method == "fork" and not hasattr(os, "fork"):
             raise ConfigurationError("start_method='fork' needs os.fork, which this platform lacks")
+        self._engine_name, self._engine_reason = choose_engine(check_engine(engine))
+        if self._engine_name == "billiard" and method == "fork":
+            raise ConfigurationError(
+                "start_method='fork' (workers that are copies of this process) is not available with the "
+                "billiard engine, whose workers start from a lean helper process: use 'forkserver' or 'spawn'"
+            )
         self._item_timeout, soft_timeout = check_item_timeouts(item_timeout, item_soft_timeout)
         max_tasks = check_positive_int("max_tasks_per_child", max_tasks_per_child)
         max_memory = check_positive_number("max_memory_per_child", max_memory_per_child)
@@ -162,18 +175,29 @@ class SafeProcessPoolExecutor(Executor):
         )
         self._queue = WorkQueue(log=log or _default_log, item_timeout=self._item_timeout)
         settings = EngineSettings(self._max_workers, method, self._item_timeout, config, inherited)
-        engine = create_engine("native", self._queue, settings)
-        self._engine = engine
-        _live_engines.add(engine)
-        forget_in_forked_child(engine)
-        engine.start()
+        _logger.info("engine %r (%s)", self._engine_name, self._engine_reason)
+        engine_ = create_engine(self._engine_name, self._queue, settings)
+        self._engine = engine_
+        _live_engines.add(engine_)
+        forget_in_forked_child(engine_)
+        engine_.start()
         # Garbage collection ends the pool once its queued work is done.
-        self._finalizer = weakref.finalize(self, _request_stop, engine)
+        self._finalizer = weakref.finalize(self, _request_stop, engine_)
 
     # --- properties ----------------------------------------------------------------------
     @property
     def max_workers(self) -> int:
         return self._max_workers
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs the pool: ``"native"`` or ``"billiard"``."""
+        return self._engine_name
+
+    @property
+    def engine_reason(self) -> str:
+        """Why that engine: ``"asked for"``, or why it was chosen automatically."""
+        return self._engine_reason
 
     @property
     def worker_pids(self) -> tuple[int, ...]:

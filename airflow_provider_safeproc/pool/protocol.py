@@ -17,6 +17,7 @@ import enum
 import mmap
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -126,10 +127,20 @@ MAX_CHUNK = 1 << (_SEQ_SHIFT - _POS_SHIFT)
 
 
 def new_status_fd() -> int:
-    """A page of anonymous shared memory to hand to one worker (close-on-exec)."""
+    """A page of anonymous shared memory to hand to one worker (close-on-exec; Linux)."""
     fd = os.memfd_create("safeproc-status", os.MFD_CLOEXEC)
     os.ftruncate(fd, mmap.PAGESIZE)
     return fd
+
+
+def new_status_file(directory: str) -> str:
+    """A page in a file of ``directory`` (private to this user), for platforms without memfd."""
+    fd, path = tempfile.mkstemp(prefix="status-", dir=directory)
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+    finally:
+        os.close(fd)
+    return path
 
 
 class StatusSlot:
@@ -144,6 +155,14 @@ class StatusSlot:
 
     def __init__(self, fd: int) -> None:
         self._mm = mmap.mmap(fd, mmap.PAGESIZE)
+
+    @classmethod
+    def at_path(cls, path: str) -> StatusSlot:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(fd)
+        finally:
+            os.close(fd)
 
     # worker side
     def running(self, seq: int, pos: int, started: float, phase: Phase = Phase.ITEM) -> None:

@@ -1,6 +1,6 @@
 """SafeProcessPoolExecutor: the Executor contract, shipping code and data, errors, sinks.
 
-Written once and run for each start method through the ``start_method`` fixture (loky's
+Written once and run for each engine and start method through the ``pool_kind`` fixture (loky's
 idea, without copied files). Functions here are shipped by value (see below), so workers
 never import this module or pytest.
 """
@@ -35,8 +35,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture
-def pool(start_method: str):
-    with SafeProcessPoolExecutor(2, start_method=start_method) as executor:
+def pool(pool_kind: str):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs) as executor:
         yield executor
 
 
@@ -269,11 +269,11 @@ def test_exception_that_cannot_be_rebuilt_becomes_remote_error(pool):
     assert "raise_it" in info.value.traceback
 
 
-def test_initializer_runs_in_each_worker(start_method):
+def test_initializer_runs_in_each_worker(pool_kind):
     def init(value):
         os.environ["SAFEPROC_INIT"] = value
 
-    with SafeProcessPoolExecutor(2, start_method=start_method, initializer=init, initargs=("yes",)) as pool:
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, initializer=init, initargs=("yes",)) as pool:
         assert set(pool.map(lambda _: os.environ.get("SAFEPROC_INIT"), range(6), chunksize=1)) == {"yes"}
 
 
@@ -293,7 +293,7 @@ def test_failing_initializer_breaks_the_pool_instead_of_looping():
 # --- what the caller sees -----------------------------------------------------------------
 
 
-def test_output_and_logging_reach_the_log_sink_tagged_with_the_item(start_method):
+def test_output_and_logging_reach_the_log_sink_tagged_with_the_item(pool_kind):
     lines: list[str] = []
 
     def noisy(x):
@@ -306,7 +306,7 @@ def test_output_and_logging_reach_the_log_sink_tagged_with_the_item(start_method
         time.sleep(0.02)  # let the fd-level output arrive while the item still runs
         return x
 
-    with SafeProcessPoolExecutor(2, start_method=start_method, log=lines.append) as pool:
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, log=lines.append) as pool:
         assert list(pool.map(noisy, range(19), chunksize=10)) == list(range(19))
     for x in (0, 17, 18):  # the tag is the item's index in the input
         assert f"[item {x}] printed {x}" in lines

@@ -19,7 +19,7 @@ from tests.harness.processes import wait_until
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def test_sigkilled_worker_fails_only_its_item_within_2_s(start_method, tmp_path):
+def test_sigkilled_worker_fails_only_its_item_within_2_s(pool_kind, tmp_path):
     def item(x):
         if x == 2:
             (tmp_path / "killed-at").write_text(repr(time.time()))
@@ -28,7 +28,7 @@ def test_sigkilled_worker_fails_only_its_item_within_2_s(start_method, tmp_path)
         time.sleep(0.01)  # results of items under 5 ms are batched and may re-run after a death
         return x
 
-    with SafeProcessPoolExecutor(1, start_method=start_method) as pool:
+    with SafeProcessPoolExecutor(1, **pool_kind.kwargs) as pool:
         seen_at = {}
         outcomes = []
         for outcome in pool.map_outcomes(item, range(6), chunksize=6):
@@ -49,13 +49,13 @@ def test_sigkilled_worker_fails_only_its_item_within_2_s(start_method, tmp_path)
     assert not list(tmp_path.glob(f"ran-3-{error.pid}"))
 
 
-def test_os_exit_reports_the_exit_code(start_method):
+def test_os_exit_reports_the_exit_code(pool_kind):
     def item(x):
         if x == 1:
             os._exit(7)
         return x
 
-    with SafeProcessPoolExecutor(2, start_method=start_method) as pool:
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs) as pool:
         outcomes = list(pool.map_outcomes(item, range(3)))
         future = pool.submit(item, 1)
         with pytest.raises(WorkerLostError, match="exit code 7"):
@@ -84,7 +84,7 @@ def test_lost_item_is_retried_when_asked(tmp_path):
     assert "killed by SIGKILL" in retried[0]
 
 
-def test_item_timeout_kills_the_worker_and_what_it_started(start_method, tmp_path):
+def test_item_timeout_kills_the_worker_and_what_it_started(pool_kind, tmp_path):
     def item(x):
         if x == 1:
             child = subprocess.Popen(["sleep", "60"])
@@ -92,7 +92,7 @@ def test_item_timeout_kills_the_worker_and_what_it_started(start_method, tmp_pat
             time.sleep(60)
         return x
 
-    with SafeProcessPoolExecutor(2, start_method=start_method, item_timeout=0.5) as pool:
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, item_timeout=0.5) as pool:
         started = time.monotonic()
         outcomes = list(pool.map_outcomes(item, range(4), chunksize=2))
         elapsed = time.monotonic() - started
@@ -115,8 +115,8 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_max_tasks_per_child_recycles_workers(start_method):
-    with SafeProcessPoolExecutor(1, start_method=start_method, max_tasks_per_child=2) as pool:
+def test_max_tasks_per_child_recycles_workers(pool_kind):
+    with SafeProcessPoolExecutor(1, **pool_kind.kwargs, max_tasks_per_child=2) as pool:
         pids = list(pool.map(lambda _: os.getpid(), range(8), chunksize=8))
         summary = pool.summary
     assert len(set(pids)) == 4
@@ -125,7 +125,7 @@ def test_max_tasks_per_child_recycles_workers(start_method):
     assert len(summary.worker_pids) == 4
 
 
-def test_max_memory_per_child_recycles_a_grown_worker(start_method):
+def test_max_memory_per_child_recycles_a_grown_worker(pool_kind):
     hoard = []
 
     def item(x):
@@ -134,18 +134,18 @@ def test_max_memory_per_child_recycles_a_grown_worker(start_method):
         return os.getpid()
 
     # The limit is on resident memory (like billiard's); a forked worker starts with some of ours.
-    with SafeProcessPoolExecutor(1, start_method=start_method) as probe:
+    with SafeProcessPoolExecutor(1, **pool_kind.kwargs) as probe:
         baseline = probe.submit(lambda: psutil.Process().memory_info().rss).result(timeout=30)
     limit = baseline / 2**20 + 40
-    with SafeProcessPoolExecutor(1, start_method=start_method, max_memory_per_child=limit) as pool:
+    with SafeProcessPoolExecutor(1, **pool_kind.kwargs, max_memory_per_child=limit) as pool:
         pids = list(pool.map(item, range(6), chunksize=6))
     assert pids[0] == pids[1] == pids[2]
     assert pids[3] != pids[2]
     assert len(set(pids[3:])) == 1
 
 
-def test_worker_killed_from_outside_is_replaced(start_method):
-    with SafeProcessPoolExecutor(2, start_method=start_method) as pool:
+def test_worker_killed_from_outside_is_replaced(pool_kind):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs) as pool:
         first = set(pool.map(lambda _: os.getpid(), range(4), chunksize=1))
         victim = next(iter(first))
         os.kill(victim, signal.SIGKILL)
@@ -155,7 +155,7 @@ def test_worker_killed_from_outside_is_replaced(start_method):
     assert victim not in {pid for _, pid in again}
 
 
-def test_tiny_item_that_kills_its_worker_is_still_pinned(start_method):
+def test_tiny_item_that_kills_its_worker_is_still_pinned(pool_kind):
     """Tiny items run in unstamped segments; a death there re-runs the rest stamped one by one."""
 
     def item(x):
@@ -163,7 +163,7 @@ def test_tiny_item_that_kills_its_worker_is_still_pinned(start_method):
             os._exit(3)
         return x
 
-    with SafeProcessPoolExecutor(2, start_method=start_method) as pool:
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs) as pool:
         outcomes = list(pool.map_outcomes(item, range(3000)))
     failed = [o for o in outcomes if not o.ok]
     assert [o.index for o in failed] == [1500]

@@ -69,5 +69,5 @@ def test_messages_travel_as_frames_with_their_blob():
 
 
 def test_the_worker_config_pickles():
-    config = WorkerConfig(["/x"], 20, None, 3, None, True, {"A": "1"}, b"key")
+    config = WorkerConfig(["/x"], 20, None, 3, None, True, 1.5, {"A": "1"}, b"key", (7,))
     assert pickle.loads(pickle.dumps(config)) == config

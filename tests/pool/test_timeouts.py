@@ -40,18 +40,16 @@ def _ignores_it(x):
         time.sleep(30)
 
 
-def test_an_item_that_catches_the_soft_timeout_succeeds_with_what_it_returned(start_method):
-    with SafeProcessPoolExecutor(
-        2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=HARD
-    ) as pool:
+def test_an_item_that_catches_the_soft_timeout_succeeds_with_what_it_returned(pool_kind):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, item_soft_timeout=SOFT, item_timeout=HARD) as pool:
         started = time.monotonic()
         assert pool.submit(_cleans_up, 4).result(timeout=30) == "closed the browser of item 4"
         assert time.monotonic() - started < HARD
 
 
 @pytest.mark.parametrize("fn", [_lets_it_propagate, _spins], ids=["sleeping", "spinning"])
-def test_an_item_that_lets_it_propagate_fails_with_it(start_method, fn):
-    with SafeProcessPoolExecutor(2, start_method=start_method, item_soft_timeout=SOFT) as pool:
+def test_an_item_that_lets_it_propagate_fails_with_it(pool_kind, fn):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, item_soft_timeout=SOFT) as pool:
         outcomes = list(pool.map_outcomes(fn, [7], retries=1))
     error = outcomes[0].error
     assert isinstance(error, ItemSoftTimeoutError)
@@ -61,17 +59,15 @@ def test_an_item_that_lets_it_propagate_fails_with_it(start_method, fn):
     assert outcomes[0].attempts == 2  # it counts toward retries like any failure
 
 
-def test_an_item_still_running_at_the_hard_limit_is_killed(start_method):
-    with SafeProcessPoolExecutor(
-        2, start_method=start_method, item_soft_timeout=SOFT, item_timeout=1.0
-    ) as pool:
+def test_an_item_still_running_at_the_hard_limit_is_killed(pool_kind):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, item_soft_timeout=SOFT, item_timeout=1.0) as pool:
         with pytest.raises(ItemTimeoutError, match="item 0 exceeded item_timeout=1 s"):
             pool.submit(_ignores_it, 0).result(timeout=30)
         assert pool.submit(_cleans_up, 1).result(timeout=30) == "closed the browser of item 1"  # goes on
 
 
-def test_items_that_end_in_time_never_see_it(start_method):
-    with SafeProcessPoolExecutor(2, start_method=start_method, item_soft_timeout=SOFT) as pool:
+def test_items_that_end_in_time_never_see_it(pool_kind):
+    with SafeProcessPoolExecutor(2, **pool_kind.kwargs, item_soft_timeout=SOFT) as pool:
         assert list(pool.map(time.sleep, [0.01] * 20)) == [None] * 20
 
 

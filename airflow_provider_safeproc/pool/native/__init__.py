@@ -6,6 +6,5 @@
 - ``timeouts``, ``output``: item timeouts; output written to fds 1 and 2.
 - ``launcher`` (pool side) and ``guardian`` (the helper process), and their ``control``
   messages; ``entry``: the command line of a fresh interpreter of ours.
-- ``worker`` (how a worker process starts), ``process_setup`` (what every process of
-  ours does first), ``loop`` (the worker's loop: running chunks), ``worker_output`` (its output, tagged).
+- ``worker``: how a worker process starts (then it runs ``pool.worker_loop``).
 """

@@ -18,6 +18,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 import traceback
 import weakref
 from typing import Any, ClassVar
@@ -27,7 +28,6 @@ from airflow_provider_safeproc.pool.engine import Engine, EngineSettings
 from airflow_provider_safeproc.pool.jobs import Job
 from airflow_provider_safeproc.pool.native.launcher import GuardianHandle
 from airflow_provider_safeproc.pool.native.output import OutputForwarder
-from airflow_provider_safeproc.pool.native.timeouts import TimeoutHandler
 from airflow_provider_safeproc.pool.native.workers import NativeWorker, Supervisor
 from airflow_provider_safeproc.pool.protocol import (
     InitFailed,
@@ -37,6 +37,7 @@ from airflow_provider_safeproc.pool.protocol import (
     RunChunk,
     WorkerReady,
 )
+from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now
 from airflow_provider_safeproc.serialization import rebuild_exception
@@ -44,6 +45,7 @@ from airflow_provider_safeproc.streams import send_frame
 
 _READ_SIZE = 1 << 20
 _QUIT_GRACE = 1.0
+_EOF_WITHOUT_EXIT = 5.0  # s to wait for the guardian's exit report after a worker's EOF
 
 
 def _close_fds(*fds: int) -> None:
@@ -84,7 +86,9 @@ class NativeEngine(Engine):
         self.supervisor = Supervisor(
             queue, self.guardian, self.selector, settings.max_workers, self._on_worker_exit
         )
-        self.timeouts = TimeoutHandler(settings.item_timeout, settings.worker.item_soft_timeout)
+        self.timeouts = TimeoutHandler(
+            settings.item_timeout, settings.worker.item_soft_timeout, kill=self._kill_worker
+        )
         self.output = OutputForwarder(queue, self.supervisor, self.guardian)
         self._seqs = itertools.count(1)
         self.thread = threading.Thread(target=self._run, name="safeproc-dispatcher", daemon=True)
@@ -138,6 +142,7 @@ class NativeEngine(Engine):
                     break
                 self._wait_for_events()
                 self.timeouts.check(self.supervisor.workers.values())
+                self._check_lingering()
         except BaseException as exc:  # a bug here must fail the work, never hang it
             queue.state.mark_broken(
                 BrokenPoolError(f"the pool's dispatcher failed: {exc!r}\n{traceback.format_exc()}")
@@ -193,8 +198,28 @@ class NativeEngine(Engine):
             if worker.dispatch is not None and worker.dispatch.job is job:
                 worker.status.cancel(worker.seq)
 
+    def _kill_worker(self, worker: StampedWorker) -> None:
+        if worker.pid is not None:
+            kill_process_tree_now([worker.pid])
+
+    def _check_lingering(self) -> None:
+        """A worker that closed its socket but whose exit the guardian has not reported within
+        a few seconds is killed, so that its exit comes."""
+        now = time.monotonic()
+        for worker in list(self.supervisor.workers.values()):
+            if worker.eof_at is not None and now - worker.eof_at > _EOF_WITHOUT_EXIT and worker.pid:
+                kill_process_tree_now([worker.pid])
+                worker.eof_at = None
+
+    def _next_wake(self) -> float | None:
+        workers = self.supervisor.workers.values()
+        now = time.monotonic()
+        wakes = [self.timeouts.next_wake(workers)]
+        wakes += [max(0.0, w.eof_at + _EOF_WITHOUT_EXIT - now) for w in workers if w.eof_at is not None]
+        return min((w for w in wakes if w is not None), default=None)
+
     def _wait_for_events(self) -> None:
-        timeout = self.timeouts.next_wake(self.supervisor.workers.values())
+        timeout = self._next_wake()
         for key, _ in self.selector.select(timeout):
             kind, worker = key.data
             if kind == "wake":

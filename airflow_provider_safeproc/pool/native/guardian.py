@@ -43,7 +43,7 @@ from airflow_provider_safeproc.pool.native.control import (
     WorkerStarted,
 )
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
-from airflow_provider_safeproc.pool.native.process_setup import (
+from airflow_provider_safeproc.pool.process_setup import (
     neutralize_other_fds,
     reset_signals,
     set_std_fds,

@@ -12,7 +12,6 @@ import os
 
 from airflow_provider_safeproc.pool.native.launcher import GuardianHandle
 from airflow_provider_safeproc.pool.native.workers import NativeWorker, Supervisor
-from airflow_provider_safeproc.pool.protocol import ItemTag, Phase
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.streams import LineSplitter
 
@@ -55,7 +54,7 @@ class OutputForwarder:
             line = raw.decode("utf-8", "backslashreplace")
             if not worker.ever_ready:
                 self.supervisor.note_startup_output(line)
-            self.queue.output(worker.pid, self._tag(worker), line)
+            self.queue.output(worker.pid, worker.item_tag(), line)
 
     def from_guardian(self, *, final: bool = False) -> None:
         fd = self.guardian.err_fd
@@ -72,12 +71,3 @@ class OutputForwarder:
             lines += self._guardian_lines.flush()
         for raw in lines:
             self.queue.emit(f"[pool helper {self.guardian.pid}] {raw.decode('utf-8', 'backslashreplace')}")
-
-    @staticmethod
-    def _tag(worker: NativeWorker) -> ItemTag:
-        stamp = worker.status.read()
-        dispatch = worker.dispatch
-        running = stamp.running and stamp.phase in (Phase.ITEM, Phase.RESULT) and stamp.seq == worker.seq
-        if running and dispatch is not None:
-            return dispatch.job.tag_offset + dispatch.index(stamp.pos)
-        return None

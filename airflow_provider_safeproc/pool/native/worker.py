@@ -26,14 +26,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from airflow_provider_safeproc.pool.native.loop import WorkerLoop
-from airflow_provider_safeproc.pool.native.process_setup import (
+from airflow_provider_safeproc.pool.process_setup import (
+    flush_multiprocessing_queues,
     neutralize_other_fds,
     reset_signals,
     set_std_fds,
 )
-from airflow_provider_safeproc.pool.native.worker_output import Channel, redirect_output
 from airflow_provider_safeproc.pool.protocol import StatusSlot, WorkerConfig
+from airflow_provider_safeproc.pool.worker_loop import WorkerLoop
+from airflow_provider_safeproc.pool.worker_output import Channel, redirect_output
 from airflow_provider_safeproc.reaper import set_parent_death_signal
 
 
@@ -84,9 +85,9 @@ def _serve(
         sock.setblocking(True)
         status = StatusSlot(status_fd)
         os.close(status_fd)
-        channel = Channel(sock)
+        channel = Channel.over_socket(sock)
         sinks = redirect_output(channel, config.log_level)
-        WorkerLoop(channel, status, sinks, config, inherited).serve()
+        WorkerLoop(channel, status, sinks, config, inherited).serve(sock)
     except BaseException:  # a worker must never die with a traceback nobody sees
         code = 70
         try:
@@ -96,6 +97,7 @@ def _serve(
         except BaseException:
             pass
     finally:
+        flush_multiprocessing_queues()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -24,7 +24,7 @@ from airflow_provider_safeproc.pool.native.control import (
 )
 from airflow_provider_safeproc.pool.native.launcher import GuardianHandle
 from airflow_provider_safeproc.pool.protocol import StatusSlot, new_status_fd
-from airflow_provider_safeproc.pool.settle import WorkerRecord
+from airflow_provider_safeproc.pool.stamped import StampedWorker
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.streams import FrameBuffer, LineSplitter
 
@@ -32,15 +32,14 @@ _STARTUP_FAILURES_TO_BREAK = 3
 _STARTUP_OUTPUT_LINES = 20
 
 
-class NativeWorker(WorkerRecord):
+class NativeWorker(StampedWorker):
     """One worker process: its socket, its output pipe, its status slot."""
 
     def __init__(self, key: int, sock: socket.socket, out_fd: int, status_fd: int) -> None:
-        super().__init__()
+        super().__init__(StatusSlot(status_fd))
         self.key = key
         self.sock = sock
         self.out_fd: int | None = out_fd
-        self.status = StatusSlot(status_fd)
         self.frames = FrameBuffer()
         self.output = LineSplitter()
         self.fns: set[int] = set()  # callables it holds

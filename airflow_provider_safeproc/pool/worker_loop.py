@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
 from airflow_provider_safeproc.errors import ItemSoftTimeoutError, SerializationError
-from airflow_provider_safeproc.pool.native.worker_output import Channel, LineSink, end_item_output
 from airflow_provider_safeproc.pool.protocol import (
     RAISED,
     UNLOADABLE,
@@ -38,6 +38,7 @@ from airflow_provider_safeproc.pool.protocol import (
     WorkerConfig,
     WorkerReady,
 )
+from airflow_provider_safeproc.pool.worker_output import Channel, LineSink, end_item_output
 from airflow_provider_safeproc.serialization import capture_exception, dumps, loads
 from airflow_provider_safeproc.shipped_modules import adopt_shipped_modules
 from airflow_provider_safeproc.streams import recv_frame
@@ -125,7 +126,8 @@ class WorkerLoop:
             self.current = None  # once
             raise ItemSoftTimeoutError(item=current[2], timeout=self.config.item_soft_timeout or 0.0)
 
-    def serve(self) -> None:
+    def initialize(self) -> bool:
+        """Run the pool's initializer, then say ready; False (and the pool told) if it raised."""
         if self.config.initializer is not None or self.inherited is not None:
             try:
                 fn, args = self.inherited or loads(self.config.initializer or b"")
@@ -133,23 +135,29 @@ class WorkerLoop:
             except BaseException as exc:  # reported to the pool, which breaks
                 end_item_output(self.sinks)
                 self.channel.send(InitFailed(os.getpid(), capture_exception(exc)))
-                return
+                return False
             end_item_output(self.sinks)
         self.channel.send(WorkerReady(os.getpid()))
+        return True
+
+    def serve(self, sock: socket.socket) -> None:
+        """The native engine's worker: initialize, then run what arrives on ``sock`` until it closes."""
+        if not self.initialize():
+            return
         while True:
-            frame = recv_frame(self.channel.sock)
+            frame = recv_frame(sock)
             if frame is None:
                 return  # the pool closed our socket: shut down
             message, blob = frame
             if isinstance(message, LoadFunction):
-                self._load_fn(message.fn_id, blob)
+                self.load_fn(message.fn_id, blob)
             elif isinstance(message, RunChunk):
                 for fn_id in message.forget:
                     self.fns.pop(fn_id, None)
                 if self.run_chunk(message, blob):
                     return  # retiring (max_tasks_per_child or max_memory_per_child)
 
-    def _load_fn(self, fn_id: int, blob: bytes) -> None:
+    def load_fn(self, fn_id: int, blob: bytes) -> None:
         try:
             self.fns[fn_id] = fn = loads(blob)
         except BaseException as exc:  # every item of this callable fails with it

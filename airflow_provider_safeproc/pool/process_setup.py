@@ -1,4 +1,4 @@
-"""What every process of the native engine does first, guardian and workers alike.
+"""What every process of ours does first: helpers and workers of both engines.
 
 - Signal handlers inherited from the task process are reset: Airflow's task runner installs
   a SIGTERM handler that returns without exiting, which would make a child ignore SIGTERM.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 _RESET = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGHUP, signal.SIGALRM)
 
@@ -33,7 +34,7 @@ def reset_signals(*, every_handler: bool = False) -> None:
 def neutralize_other_fds(keep: set[int]) -> None:
     """Every open descriptor not in ``keep`` becomes a /dev/null (see the module docstring)."""
     devnull = os.open(os.devnull, os.O_RDWR)
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
         fd = int(name)
         if fd not in keep and fd != devnull:
             try:
@@ -51,3 +52,20 @@ def set_std_fds(out_fd: int | None, err_fd: int) -> None:
     os.dup2(err_fd, 2)
     if devnull > 2:
         os.close(devnull)
+
+
+def flush_multiprocessing_queues() -> None:
+    """What the stdlib does as one of its workers ends: multiprocessing queues the worker wrote
+    to (a ``QueueHandler``'s) are flushed and their feeder threads joined.
+
+    Without it, a worker leaving by ``os._exit`` may drop what its queues still held, or die
+    while its feeder thread holds the queue's write lock, which every other writer then waits
+    for forever. Finalizers that a forked worker inherited from its parent are skipped by
+    multiprocessing itself.
+    """
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        try:
+            util._exit_function()
+        except Exception:
+            pass

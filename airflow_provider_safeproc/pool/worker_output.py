@@ -7,11 +7,13 @@ through a pipe that the pool reads and tags from the status slot.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from airflow_provider_safeproc.pool.protocol import ItemTag, LogLine
@@ -19,17 +21,25 @@ from airflow_provider_safeproc.streams import LineSplitter, send_frame
 
 
 class Channel:
-    """The worker's socket to the pool; sends are locked because user threads may print."""
+    """The worker's line to the pool; sends are locked because user threads may print.
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    ``transport(message, blob)`` does the sending: a frame on the worker's socket (the native
+    engine), or a message on the worker's own billiard queue (the billiard engine).
+    """
+
+    def __init__(self, transport: Callable[[Any, bytes], None]) -> None:
+        self._transport = transport
         self.lock = threading.Lock()
         self.item: ItemTag = None  # the item (or run of items) running, for tags
         self.lines_sent = 0
 
+    @classmethod
+    def over_socket(cls, sock: socket.socket) -> Channel:
+        return cls(functools.partial(send_frame, sock))
+
     def send(self, message: Any, blob: bytes = b"") -> None:
         with self.lock:
-            send_frame(self.sock, message, blob)
+            self._transport(message, blob)
 
     def log(self, stream: str, line: str) -> None:
         self.lines_sent += 1
