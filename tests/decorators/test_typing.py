@@ -1,0 +1,102 @@
+"""Typing for DAG authors: plain ``mypy --strict`` on sample DAG files, and the typed DAG run for real.
+
+``typed_dag_ok.py`` must pass; ``typed_dag_wrong.py`` must fail on exactly its marked lines
+(``# E: <part of the message>``). mypy runs as a DAG author's would: no configuration of
+ours, no plugin, the installed package. It is type-checked against Airflow 3, as the package
+is (the Airflow 2 environments do not install mypy).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).resolve().parent
+OK = HERE / "typed_dag_ok.py"
+WRONG = HERE / "typed_dag_wrong.py"
+_MARKER = re.compile(r"#\s*E:\s*(?P<fragment>.+?)\s*$")
+_REPORT = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<kind>error|note): (?P<message>.*)$")
+
+
+@pytest.fixture(scope="module")
+def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], list[str]]:
+    """(file name, line) -> mypy's error and note lines there, for both sample files (~25 s)."""
+    pytest.importorskip("mypy")
+    workdir = tmp_path_factory.mktemp("mypy")
+    config = workdir / "mypy.ini"
+    config.write_text("[mypy]\n")  # a DAG author's plain mypy: not this repository's settings
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(workdir / "cache"),
+            "--no-error-summary",
+            "--hide-error-context",
+            str(OK),
+            str(WRONG),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        timeout=600,
+        check=False,
+    )
+    report: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for line in proc.stdout.splitlines():
+        match = _REPORT.match(line)
+        assert match, f"unexpected mypy output: {line!r}\n{proc.stdout}\n{proc.stderr}"
+        report[(Path(match["file"]).name, int(match["line"]))].append(f"{match['kind']}: {match['message']}")
+    assert proc.returncode in (0, 1), f"mypy crashed:\n{proc.stdout}\n{proc.stderr}"
+    return dict(report)
+
+
+def test_the_typed_dag_passes_plain_mypy(mypy_report):
+    found = {key: messages for key, messages in mypy_report.items() if key[0] == OK.name}
+    assert found == {}
+
+
+def test_each_mistake_is_reported_on_its_line(mypy_report):
+    expected = {
+        number: match["fragment"]
+        for number, text in enumerate(WRONG.read_text().splitlines(), start=1)
+        if (match := _MARKER.search(text)) and not text.lstrip().startswith(("Each", "``"))
+    }
+    assert len(expected) >= 15
+    errors = {
+        line: messages
+        for (name, line), messages in mypy_report.items()
+        if name == WRONG.name and any(m.startswith("error:") for m in messages)
+    }
+    assert sorted(errors) == sorted(expected), "lines with errors differ from the marked lines"
+    for line, fragment in expected.items():
+        assert any(fragment in message for message in errors[line]), (line, fragment, errors[line])
+
+
+def test_the_typed_dag_runs(airflow_dags):
+    """The same file under dag.test(): a failed item; its partial results reach the all_done task."""
+    result = airflow_dags.run(OK.read_text(), "typed_dag_ok")
+    result.assert_tasks(
+        {
+            "make_rows": "success",
+            "double": "success",
+            "score": "failed",
+            "describe": "success",
+            "total": "success",
+        }
+    )
+    assert result.xcom("double") == [2, 4, 6]
+    assert result.xcom("score", key="partial_results") == [1.5, 2.5, None, 4.5]
+    assert result.xcom("describe") == ["1.5", "2.5", "missing", "4.5"]
+    assert result.xcom("total") == 12
