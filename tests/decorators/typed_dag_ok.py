@@ -50,7 +50,14 @@ def typed_dag_ok() -> None:
     def double(x: int) -> int:
         return 2 * x
 
-    @parallel_task(max_workers=2, item_timeout=60, on_item_error="continue", start_method="spawn")
+    @parallel_task(
+        max_workers=2,
+        item_timeout=60,
+        on_item_error="continue",
+        start_method="spawn",
+        engine=None,  # the default engine
+        item_soft_timeout=None,
+    )
     def score(x: int, bonus: float = 0.0) -> float:
         if x == 3:
             raise ValueError(f"no score for {x}")
