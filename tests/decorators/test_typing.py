@@ -1,9 +1,10 @@
-"""Typing for DAG authors: plain ``mypy --strict`` on sample DAG files, and the typed DAG run for real.
+"""Typing for DAG authors: ``mypy --strict`` on sample DAG files, and the typed DAG run for real.
 
-``typed_dag_ok.py`` must pass; ``typed_dag_wrong.py`` must fail on exactly its marked lines
-(``# E: <part of the message>``). mypy runs as a DAG author's would: no configuration of
-ours, no plugin, the installed package. It is type-checked against Airflow 3, as the package
-is (the Airflow 2 environments do not install mypy).
+``typed_dag_ok.py`` must pass plain mypy; ``typed_dag_wrong.py`` must fail on exactly its
+marked lines (``# E: <part of the message>``); ``typed_dag_plugin.py`` likewise, with this
+package's mypy plugin. mypy runs as a DAG author's would: none of this repository's settings,
+the installed package. It is type-checked against Airflow 3, as the package is (the Airflow 2
+environments do not install mypy).
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).resolve().parent
 OK = HERE / "typed_dag_ok.py"
 WRONG = HERE / "typed_dag_wrong.py"
+WITH_PLUGIN = HERE / "typed_dag_plugin.py"
+PLUGIN = "airflow_provider_safeproc.decorators.mypy_plugin"
 _MARKER = re.compile(r"#\s*E:\s*(?P<fragment>.+?)\s*$")
 _REPORT = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<kind>error|note): (?P<message>.*)$")
 
 
-@pytest.fixture(scope="module")
-def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], list[str]]:
-    """(file name, line) -> mypy's error and note lines there, for both sample files (~25 s)."""
-    pytest.importorskip("mypy")
-    workdir = tmp_path_factory.mktemp("mypy")
+def _mypy(workdir: Path, files: list[Path], *, plugins: str = "") -> dict[tuple[str, int], list[str]]:
+    """(file name, line) -> mypy's error and note lines there (~20 s: Airflow is large)."""
     config = workdir / "mypy.ini"
-    config.write_text("[mypy]\n")  # a DAG author's plain mypy: not this repository's settings
+    # A DAG author's mypy: not this repository's settings.
+    config.write_text("[mypy]\n" + (f"plugins = {plugins}\n" if plugins else ""))
     proc = subprocess.run(
         [
             sys.executable,
@@ -44,8 +45,7 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int
             str(workdir / "cache"),
             "--no-error-summary",
             "--hide-error-context",
-            str(OK),
-            str(WRONG),
+            *map(str, files),
         ],
         capture_output=True,
         text=True,
@@ -62,26 +62,41 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int
     return dict(report)
 
 
+@pytest.fixture(scope="module")
+def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], list[str]]:
+    pytest.importorskip("mypy")
+    return _mypy(tmp_path_factory.mktemp("mypy"), [OK, WRONG])
+
+
+def _assert_marked_lines_fail(path: Path, report: dict[tuple[str, int], list[str]]) -> None:
+    expected = {
+        number: match["fragment"]
+        for number, text in enumerate(path.read_text().splitlines(), start=1)
+        if (match := _MARKER.search(text)) and "``" not in text
+    }
+    assert expected
+    errors = {
+        line: messages
+        for (name, line), messages in report.items()
+        if name == path.name and any(m.startswith("error:") for m in messages)
+    }
+    assert sorted(errors) == sorted(expected), f"lines with errors differ from the marked lines: {errors}"
+    for line, fragment in expected.items():
+        assert any(fragment in message for message in errors[line]), (line, fragment, errors[line])
+
+
 def test_the_typed_dag_passes_plain_mypy(mypy_report):
     found = {key: messages for key, messages in mypy_report.items() if key[0] == OK.name}
     assert found == {}
 
 
 def test_each_mistake_is_reported_on_its_line(mypy_report):
-    expected = {
-        number: match["fragment"]
-        for number, text in enumerate(WRONG.read_text().splitlines(), start=1)
-        if (match := _MARKER.search(text)) and not text.lstrip().startswith(("Each", "``"))
-    }
-    assert len(expected) >= 15
-    errors = {
-        line: messages
-        for (name, line), messages in mypy_report.items()
-        if name == WRONG.name and any(m.startswith("error:") for m in messages)
-    }
-    assert sorted(errors) == sorted(expected), "lines with errors differ from the marked lines"
-    for line, fragment in expected.items():
-        assert any(fragment in message for message in errors[line]), (line, fragment, errors[line])
+    _assert_marked_lines_fail(WRONG, mypy_report)
+
+
+def test_the_plugin_types_task_parallel_like_parallel_task(tmp_path: Path):
+    pytest.importorskip("mypy")
+    _assert_marked_lines_fail(WITH_PLUGIN, _mypy(tmp_path, [WITH_PLUGIN], plugins=PLUGIN))
 
 
 def test_the_typed_dag_runs(airflow_dags):
