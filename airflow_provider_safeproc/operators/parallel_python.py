@@ -37,6 +37,19 @@ if TYPE_CHECKING:
     from airflow_provider_safeproc.pool.executor import SafeProcessPoolExecutor
 
 PROGRESS_EVERY_S = 10.0
+#: The XCom key of the results, None where an item failed (``on_item_error="continue"``).
+PARTIAL_RESULTS_KEY = "partial_results"
+
+
+def _partial_results_hint(task_id: str) -> str:
+    """Where the successful results are, and the TaskFlow way to reach them (a plain pull of
+    the task's output finds no ``return_value``: the task failed)."""
+    return (
+        f"The results of the other items are in the XCom {PARTIAL_RESULTS_KEY!r} of task {task_id!r} "
+        f'(None where an item failed). Downstream, with trigger_rule="all_done": pass '
+        f'output["{PARTIAL_RESULTS_KEY}"], where output is what the decorated call returned or the '
+        f'operator\'s .output, or pull it with ti.xcom_pull(task_ids={task_id!r}, key="{PARTIAL_RESULTS_KEY}").'
+    )
 
 
 class ParallelPythonOperator(_compat.BaseOperator):
@@ -67,9 +80,11 @@ class ParallelPythonOperator(_compat.BaseOperator):
     :param item_retries: Times an item that raised, timed out or lost its worker is run again
         before it counts as failed. An int >= 0.
     :param on_item_error: ``"fail"``: stop at the first failed item, cancel the rest and fail the
-        task. ``"continue"``: run every item, push the successful results to XCom under the key
-        ``partial_results`` (None where an item failed), then fail the task with one summary of
-        every failed item, so a downstream task with a suitable trigger rule can use them.
+        task. ``"continue"``: run every item and push the results to XCom under the key
+        ``partial_results`` too (None where an item failed); if any item failed, fail the task
+        with one summary of every failed item. A downstream task with
+        ``trigger_rule="all_done"`` takes ``output["partial_results"]`` (the decorated call's
+        return value, or the operator's ``.output``): it is there whether items failed or not.
         With ``do_xcom_push=False`` nothing is pushed (results can be large); the task log
         still gets the run summary.
     :param start_method: ``"forkserver"``, ``"spawn"`` or ``"fork"``. None:
@@ -148,13 +163,18 @@ class ParallelPythonOperator(_compat.BaseOperator):
         finally:
             self._pool = None
             self._report_summary(pool, context)
+        if failures and self.on_item_error == "fail":
+            index, error = failures[0]
+            raise ItemFailedError(index, error) from error
+        # "continue": partial_results always, so that a downstream task can always take
+        # output["partial_results"] (a missing key fails its XComArg). Nothing when
+        # do_xcom_push=False.
+        keep_partial = self.on_item_error == "continue" and self.do_xcom_push
+        if keep_partial:
+            context["ti"].xcom_push(key=PARTIAL_RESULTS_KEY, value=results)
         if failures:
-            if self.on_item_error == "fail":
-                index, error = failures[0]
-                raise ItemFailedError(index, error) from error
-            if self.do_xcom_push:  # do_xcom_push=False: nothing at all goes to XCom
-                context["ti"].xcom_push(key="partial_results", value=results)
-            raise PartialFailureError(failures, total=len(items))
+            hint = _partial_results_hint(self.task_id) if keep_partial else ""
+            raise PartialFailureError(failures, total=len(items), hint=hint)
         return results
 
     def _report_summary(self, pool: SafeProcessPoolExecutor, context: Any) -> None:
