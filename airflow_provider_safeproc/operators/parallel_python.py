@@ -21,6 +21,7 @@ from airflow_provider_safeproc.operators._context import (
     push_run_summary,
     refuse_task_process_only_params,
 )
+from airflow_provider_safeproc.operators._logging import default_logger_name
 from airflow_provider_safeproc.validation import (
     ON_ITEM_ERROR,
     OnItemError,
@@ -114,6 +115,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         max_memory_per_child: float | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("logger_name", default_logger_name(type(self), ParallelPythonOperator))
         super().__init__(**kwargs)
         self.python_callable = check_callable("python_callable", python_callable)
         self.iterable = iterable

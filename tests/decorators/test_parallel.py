@@ -40,7 +40,7 @@ pd_call()
 )
 
 
-def test_items_first_other_arguments_to_every_call_results_a_list(airflow_dags):
+def test_items_first_other_arguments_to_every_call_results_a_list(airflow_dags, task_logs):
     result = airflow_dags.run(CALL_DAG, "pd_call")
     assert result.state == "success", result.tasks
     # Input order, one result per item, each a dict: no multiple_outputs from "-> dict".
@@ -52,6 +52,11 @@ def test_items_first_other_arguments_to_every_call_results_a_list(airflow_dags):
     assert result.xcom("score", key="a") is None
     assert result.xcom("double") == [10, 12, 14]
     assert result.xcom("triple_named") == [3, 6]
+    # The task log names the public operator, not the decorator's private class.
+    summaries = [line for line in task_logs().splitlines() if "run summary: 3 items" in line]
+    assert summaries
+    assert any("operators.parallel_python.ParallelPythonOperator" in line for line in summaries), summaries
+    assert not any("_ParallelDecoratedOperator" in line for line in summaries), summaries
 
 
 BAD_ARGUMENT_DAG = (
