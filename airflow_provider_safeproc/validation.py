@@ -16,10 +16,10 @@ from airflow_provider_safeproc.errors import ConfigurationError
 
 StartMethod = Literal["forkserver", "spawn", "fork"]
 OnItemError = Literal["fail", "continue"]
-Engine = Literal["native", "billiard"]
+EngineName = Literal["native", "billiard"]
 START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
 ON_ITEM_ERROR: tuple[OnItemError, ...] = get_args(OnItemError)
-ENGINES: tuple[Engine, ...] = get_args(Engine)
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 
 _Choice = TypeVar("_Choice", bound=str)
 

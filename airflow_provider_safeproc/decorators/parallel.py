@@ -16,7 +16,7 @@ from airflow_provider_safeproc.operators.parallel_python import ParallelPythonOp
 
 if TYPE_CHECKING:
     from airflow_provider_safeproc.decorators.typed import ParallelTask
-    from airflow_provider_safeproc.validation import Engine, OnItemError, StartMethod
+    from airflow_provider_safeproc.validation import EngineName, OnItemError, StartMethod
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -85,7 +85,7 @@ def parallel_task(
     item_retries: int = 0,
     on_item_error: OnItemError = "fail",
     start_method: StartMethod | None = None,
-    engine: Engine | None = None,
+    engine: EngineName | None = None,
     max_tasks_per_child: int | None = None,
     max_memory_per_child: float | None = None,
     **kwargs: Any,
