@@ -3,6 +3,7 @@
 #   make test                       Airflow 3, Python 3.11: unit + integration tests (minutes)
 #   make test PYTHON=3.12           the same on Python 3.12 (fork-with-threads warnings are errors)
 #   make test-airflow2              the suite on Airflow 2.11
+#   make docs                       the documentation site, warnings as errors, in docs/_build/html
 #   make e2e                        real deployments: Redis + CeleryExecutor, LocalExecutor
 #   make e2e-airflow2               a real Airflow 2.11 LocalExecutor deployment on PostgreSQL
 #   make demo                       run the example gallery in real Airflow, print a table
@@ -24,7 +25,7 @@ PYTEST_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: install test test-airflow2 e2e e2e-airflow2 demo lint bench lock clean
+.PHONY: install test test-airflow2 e2e e2e-airflow2 demo docs lint bench lock clean
 
 $(UV): requirements/uv.txt
 	python3 -m venv $(TOOLS)
@@ -53,6 +54,11 @@ e2e-airflow2:
 
 demo: install
 	$(PY) scripts/demo.py
+
+docs: install
+	rm -rf docs/_build
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 lint: install
 	$(PY) -m ruff check .
