@@ -18,7 +18,7 @@ from airflow_provider_safeproc import __version__  # noqa: E402
 
 project = "airflow-provider-safeproc"
 author = "airflow-provider-safeproc maintainers"
-copyright = "the airflow-provider-safeproc maintainers"  # noqa: A001
+copyright = "the airflow-provider-safeproc maintainers"
 version = release = __version__
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.viewcode"]
@@ -28,8 +28,6 @@ templates_path: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True, "show-inheritance": False}
-# Airflow's own classes are not documented here: their names stay plain text.
-autodoc_mock_imports: list[str] = []
 
 html_theme = "alabaster"
 html_title = f"airflow-provider-safeproc {release}"
