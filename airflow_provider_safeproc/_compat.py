@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from airflow import __version__ as AIRFLOW_VERSION
 
-AIRFLOW_V_3 = int(AIRFLOW_VERSION.split(".", 1)[0]) >= 3
+# Airflow 3 moved the authoring names to the Task SDK (airflow.sdk); 2.x has them in
+# airflow.models and airflow.decorators. apache-airflow-providers-common-compat, the shim the
+# Apache providers share, knows both places (1.9.0 is the newest release for Airflow 2.10 and
+# already has them all), and follows later moves. Import from here when 2.x support ends.
+from airflow.providers.common.compat.sdk import (
+    BaseOperator,
+    Context,
+    DecoratedOperator,
+    XComArg,
+    get_current_context,
+    task_decorator_factory,
+)
 
-# Airflow 3 moved authoring names to the Task SDK (airflow.sdk); 2.x has them in airflow.models
-# and airflow.decorators. Drop the 2.x branches when 2.x support ends.
-if AIRFLOW_V_3:
-    from airflow.sdk import BaseOperator, get_current_context
-    from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
-    from airflow.sdk.definitions.context import Context
-else:  # pragma: no cover - exercised by `make test-airflow2`
-    from airflow.decorators.base import DecoratedOperator, task_decorator_factory
-    from airflow.models.baseoperator import BaseOperator
-    from airflow.operators.python import get_current_context
-    from airflow.utils.context import Context
+# Which authoring behaviour to expect (tests, and mypy's always_true in pyproject.toml).
+AIRFLOW_V_3 = int(AIRFLOW_VERSION.split(".", 1)[0]) >= 3
 
 __all__ = [
     "AIRFLOW_VERSION",
@@ -29,6 +31,7 @@ __all__ = [
     "BaseOperator",
     "Context",
     "DecoratedOperator",
+    "XComArg",
     "get_current_context",
     "task_decorator_factory",
 ]

@@ -226,11 +226,15 @@ class ItemFailedError(SafeprocError):
 
 
 class PartialFailureError(SafeprocError):
-    """Some items of a parallel map failed (``on_item_error="continue"``); one line per item."""
+    """Some items of a parallel map failed (``on_item_error="continue"``); one line per item.
 
-    def __init__(self, failures: list[tuple[int, BaseException]], *, total: int) -> None:
+    ``hint``, when given, ends the message: where the results of the other items went.
+    """
+
+    def __init__(self, failures: list[tuple[int, BaseException]], *, total: int, hint: str = "") -> None:
         lines = [f"  item {index}: {type(error).__name__}: {error}" for index, error in failures]
-        super().__init__(f"{len(failures)} of {total} items failed:\n" + "\n".join(lines))
+        message = f"{len(failures)} of {total} items failed:\n" + "\n".join(lines)
+        super().__init__(f"{message}\n{hint}" if hint else message)
         self.items = [index for index, _ in failures]
         self.total = total
 

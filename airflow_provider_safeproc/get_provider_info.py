@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+DOCUMENTATION = "https://airflow-provider-safeproc.github.io/airflow-provider-safeproc/"
+# One how-to per use case, each backed by the gallery DAG of the same name (dags_examples/).
+HOW_TO_GUIDES = (
+    "cpu_bound_map",
+    "existing_pool_code",
+    "virtualenv_requirements",
+    "threaded_scraper",
+    "timeouts_and_retries",
+    "sharded_map",
+)
+
 
 def get_provider_info() -> dict[str, Any]:
     from airflow_provider_safeproc import __version__
@@ -21,6 +32,15 @@ def get_provider_info() -> dict[str, Any]:
             "from threaded parents, with no orphans and no hangs."
         ),
         "versions": [__version__],
+        # As the Apache providers list theirs: the how-to pages, by their path in the repository.
+        "integrations": [
+            {
+                "integration-name": "Safe process pools",
+                "external-doc-url": DOCUMENTATION,
+                "how-to-guide": [f"/docs/howto/{name}.rst" for name in HOW_TO_GUIDES],
+                "tags": ["software"],
+            }
+        ],
         "task-decorators": [
             {"name": "parallel", "class-name": "airflow_provider_safeproc.decorators.parallel.parallel_task"},
             {
@@ -51,6 +71,17 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "spawn",
+                        "default": None,
+                    },
+                    "engine": {
+                        "description": (
+                            "The pool engine of ParallelPythonOperator when it does not say: native "
+                            "(Linux) or billiard (a billiard pool: portable, e.g. macOS). Empty: native "
+                            "where the machine running the task has what it needs, billiard elsewhere."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "billiard",
                         "default": None,
                     },
                     "venv_cache_dir": {

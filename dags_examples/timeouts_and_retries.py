@@ -3,10 +3,11 @@
 Why: with a plain pool, one hung item blocks the map forever and one exception throws away
 every other result. Here each item gets ``item_timeout`` seconds (past it, its worker and all
 that worker started are killed and replaced) and ``item_retries`` more attempts. With
-``on_item_error="continue"`` every item runs even if some fail for good; the task then pushes
-the results it has to XCom under ``partial_results`` (None for a failed item) and fails with one
-summary of every failed item, and a downstream task with ``trigger_rule="all_done"`` can use
-what succeeded. (``"fail"``, the default, stops at the first failed item.)
+``on_item_error="continue"`` every item runs even if some fail for good; the results go to
+XCom under ``partial_results`` as well (None for a failed item), and the task fails with one
+summary of every failed item if any did. A downstream task with ``trigger_rule="all_done"``
+takes ``fetched.output["partial_results"]``: it is there whether items failed or not.
+(``"fail"``, the default, stops at the first failed item.)
 
 In this example record 3 raises once (a dropped connection) and record 7 hangs once (a stuck
 read); both succeed on retry, so the run is green and the log shows the timeout and the
@@ -79,7 +80,7 @@ def safeproc_timeouts_and_retries():
     )
 
     @task(trigger_rule="all_done")  # runs even when fetch_records failed for some items
-    def summarize(run_id=None, ti=None) -> dict:
+    def summarize(results: list, run_id=None) -> dict:
         import os
         import re
         import shutil
@@ -89,14 +90,12 @@ def safeproc_timeouts_and_retries():
             os.path.join(tempfile.gettempdir(), "safeproc-example-" + re.sub(r"\W", "_", run_id)),
             ignore_errors=True,
         )
-        results = ti.xcom_pull(task_ids="fetch_records")
-        if results is None:  # the task failed: take what succeeded
-            results = ti.xcom_pull(task_ids="fetch_records", key="partial_results") or []
-        good = [r for r in results if r is not None]
+        good = [r for r in results if r is not None]  # None: a record that failed for good
         print(f"{len(good)} of {len(results)} records fetched")
         return {"fetched": len(good), "of": len(results), "total": sum(r["value"] for r in good)}
 
-    fetched >> summarize()
+    # The XComArg's key: the results, None where an item failed, whatever the task's outcome.
+    summarize(fetched.output["partial_results"])
 
 
 safeproc_timeouts_and_retries()

@@ -122,6 +122,11 @@ def _check_virtualenv_requirements(result, out: str) -> None:
     table = result.xcom("render_report")
     assert table.splitlines()[0].split() == ["|", "city", "|", "min", "|", "max", "|"], table
     assert "| Oslo" in out  # the child's print, streamed into the task log
+    # The build, not virtualenv's own INFO lines; the public operator's name, not the decorator's.
+    assert "add activators" not in out
+    summaries = [line for line in out.splitlines() if "run summary: interpreter" in line]
+    assert any("operators.process_pool.ProcessPoolOperator" in line for line in summaries), summaries
+    assert not any("_ProcessPoolDecoratedOperator" in line for line in summaries), summaries
 
 
 def _check_threaded_scraper(result, out: str) -> None:

@@ -1,4 +1,4 @@
-"""``@task.parallel``: the decorated function is the per-item function of a parallel map.
+"""``@task.parallel`` / ``@parallel_task``: the decorated function is the per-item function of a parallel map.
 
 In the DAG it is called with the items as its first argument; other arguments go to every
 call: ``score(rows, model_path="/m.pkl")``. Sharding: ``score.partial(model_path=...)
@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from airflow_provider_safeproc import _compat
 from airflow_provider_safeproc.operators.parallel_python import ParallelPythonOperator
+
+if TYPE_CHECKING:
+    from airflow_provider_safeproc.decorators.typed import ParallelTask
+    from airflow_provider_safeproc.validation import EngineName, OnItemError, StartMethod
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
 
 
 def _first_parameter(fn: Callable[..., Any]) -> str:
@@ -60,8 +68,37 @@ class _ParallelDecoratedOperator(_compat.DecoratedOperator, ParallelPythonOperat
         )
 
 
+@overload
+def parallel_task(python_callable: Callable[Concatenate[_T, _P], _R], /) -> ParallelTask[_T, _P, _R]: ...
+
+
+@overload
+def parallel_task(
+    *,
+    max_workers: int | None = None,
+    chunksize: int | None = None,
+    item_timeout: float | None = None,
+    item_soft_timeout: float | None = None,
+    item_retries: int = 0,
+    on_item_error: OnItemError = "fail",
+    start_method: StartMethod | None = None,
+    engine: EngineName | None = None,
+    max_tasks_per_child: int | None = None,
+    max_memory_per_child: float | None = None,
+    **kwargs: Any,
+) -> Callable[[Callable[Concatenate[_T, _P], _R]], ParallelTask[_T, _P, _R]]: ...
+
+
 def parallel_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
-    """``@task.parallel(max_workers=4, item_timeout=60)``: see :class:`ParallelPythonOperator`."""
+    """Make a function the per-item function of a parallel map: ``@parallel_task(max_workers=4)``.
+
+    The typed spelling of ``@task.parallel`` (the same factory, registered with Airflow under
+    that name): ``def score(row: Row, model_path: str) -> float`` decorated with it is called in
+    the DAG as ``score(rows, model_path="/m.pkl")`` with ``rows`` an ``Iterable[Row]`` or an
+    upstream task's output, and its output is a :class:`~.typed.ParallelOutput` of
+    ``list[float]``. Keyword arguments are :class:`ParallelPythonOperator`'s and
+    ``BaseOperator``'s (``task_id``, ``retries``, ``trigger_rule``...).
+    """
     kwargs.pop("multiple_outputs", None)
     return _compat.task_decorator_factory(
         python_callable=python_callable,

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,9 @@ def _find_uv() -> str | None:
     return shutil.which("uv")
 
 
-def _run_installer(cmd: list[str], log: Callable[[str], Any] | None) -> tuple[int, str]:
-    """Run ``cmd`` streaming its output to ``log``; (exit code, last lines of output)."""
+def _run_installer(cmd: list[str]) -> tuple[int, str]:
+    """Run ``cmd``; (exit code, last lines of its output). The output is for a failure's
+    message, not the log: a task log wants the build and its duration, not every download."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True
@@ -197,11 +199,22 @@ def _run_installer(cmd: list[str], log: Callable[[str], Any] | None) -> tuple[in
     assert proc.stdout is not None
     with proc.stdout:
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            tail.append(line)
-            if log is not None:
-                log(line)
+            tail.append(raw.decode("utf-8", "replace").rstrip())
     return proc.wait(), "\n".join(tail)
+
+
+@contextlib.contextmanager
+def _quiet_virtualenv_logging() -> Iterator[None]:
+    """virtualenv logs INFO records ("add activators for Bash, CShell...") even with
+    ``setup_logging=False``; in a task process they would reach the task log through the root
+    logger. Its warnings still pass."""
+    logger = logging.getLogger("virtualenv")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _build(
@@ -210,7 +223,6 @@ def _build(
     install_args: list[str],
     system_site_packages: bool,
     pip_args: list[str],
-    log: Callable[[str], Any] | None,
 ) -> None:
     import virtualenv  # ~0.2 s to import: only when building
 
@@ -220,7 +232,8 @@ def _build(
     if system_site_packages:
         args.append("--system-site-packages")
     try:
-        virtualenv.cli_run(args, setup_logging=False)
+        with _quiet_virtualenv_logging():
+            virtualenv.cli_run(args, setup_logging=False)
     except BaseException as exc:  # virtualenv raises SystemExit on bad arguments
         raise VirtualenvError(f"creating the virtualenv {venv_dir} failed: {exc!r}") from None
     python = venv_dir / "bin" / "python"
@@ -238,9 +251,7 @@ def _build(
             "--no-input",
         ]  # pip compiles by default
         cmd += [*pip_args, *packages]
-    if log is not None:
-        log("installing: " + " ".join(packages))
-    code, tail = _run_installer(cmd, log)
+    code, tail = _run_installer(cmd)
     if code != 0:
         raise VirtualenvError(
             f"installing {' '.join(packages)} into {venv_dir} failed with exit code {code}", output_tail=tail
@@ -267,8 +278,9 @@ def ensure_virtualenv(
     :param cache_dir: where entries live (default :func:`default_cache_dir`); created 0700.
     :param pip_args: extra arguments for the installer (uv's ``pip install`` when uv is found
         on ``PATH`` or next to this interpreter, pip otherwise), e.g. ``["--index-url", url]``.
-    :param log: called with progress lines and the installer's output; also told whether the
-        entry was a cache hit and how long a build took, which the result carries as well.
+    :param log: called with a line for a cache hit, or for a build's start (what it installs)
+        and end (how long it took), and when it waits for another process's build; the
+        installer's output is not logged (a failure carries its tail).
     :returns: a :class:`VirtualenvPython` (a ``str``) with ``cache_hit`` and ``build_seconds``.
     :raises VirtualenvError: the build failed (with the installer's output tail; nothing is
         left in the cache), or an entry or the cache directory is not safely ours.
@@ -321,7 +333,7 @@ def ensure_virtualenv(
             log(f"building virtualenv {venv_dir} for {' '.join(normalized) or 'no requirements'}")
         build_started = time.monotonic()
         try:
-            _build(venv_dir, base, install_args, system_site_packages, pip_args, log)
+            _build(venv_dir, base, install_args, system_site_packages, pip_args)
             marker_tmp = venv_dir / f"{_MARKER}.tmp"
             marker_tmp.write_text(json.dumps(inputs, indent=1, sort_keys=True))
             os.replace(marker_tmp, venv_dir / _MARKER)

@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_safeproc.errors import ConfigurationError
-from airflow_provider_safeproc.validation import StartMethod, check_positive_int, check_start_method
+from airflow_provider_safeproc.validation import (
+    EngineName,
+    StartMethod,
+    check_engine,
+    check_positive_int,
+    check_start_method,
+)
 
 SECTION = "safeproc"  # declared in get_provider_info()["config"]
 
@@ -45,6 +51,14 @@ def default_start_method() -> StartMethod | None:
         return check_start_method(raw)
     except ConfigurationError as exc:
         raise _reworded("start_method", exc) from None
+
+
+def default_engine() -> EngineName | None:
+    raw = _raw("engine")
+    try:
+        return check_engine(raw)
+    except ConfigurationError as exc:
+        raise _reworded("engine", exc) from None
 
 
 def default_venv_cache_dir() -> str | None:

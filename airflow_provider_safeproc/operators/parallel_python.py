@@ -21,12 +21,15 @@ from airflow_provider_safeproc.operators._context import (
     push_run_summary,
     refuse_task_process_only_params,
 )
+from airflow_provider_safeproc.operators._logging import default_logger_name
 from airflow_provider_safeproc.validation import (
     ON_ITEM_ERROR,
+    EngineName,
     OnItemError,
     StartMethod,
     check_callable,
     check_choice,
+    check_engine,
     check_item_timeouts,
     check_non_negative_int,
     check_positive_int,
@@ -38,6 +41,19 @@ if TYPE_CHECKING:
     from airflow_provider_safeproc.pool.executor import SafeProcessPoolExecutor
 
 PROGRESS_EVERY_S = 10.0
+#: The XCom key of the results, None where an item failed (``on_item_error="continue"``).
+PARTIAL_RESULTS_KEY = "partial_results"
+
+
+def _partial_results_hint(task_id: str) -> str:
+    """Where the successful results are, and the TaskFlow way to reach them (a plain pull of
+    the task's output finds no ``return_value``: the task failed)."""
+    return (
+        f"The results of the other items are in the XCom {PARTIAL_RESULTS_KEY!r} of task {task_id!r} "
+        f'(None where an item failed). Downstream, with trigger_rule="all_done": pass '
+        f'output["{PARTIAL_RESULTS_KEY}"], where output is what the decorated call returned or the '
+        f'operator\'s .output, or pull it with ti.xcom_pull(task_ids={task_id!r}, key="{PARTIAL_RESULTS_KEY}").'
+    )
 
 
 class ParallelPythonOperator(_compat.BaseOperator):
@@ -72,13 +88,19 @@ class ParallelPythonOperator(_compat.BaseOperator):
     :param item_retries: Times an item that raised, timed out or lost its worker is run again
         before it counts as failed. An int >= 0.
     :param on_item_error: ``"fail"``: stop at the first failed item, cancel the rest and fail the
-        task. ``"continue"``: run every item, push the successful results to XCom under the key
-        ``partial_results`` (None where an item failed), then fail the task with one summary of
-        every failed item, so a downstream task with a suitable trigger rule can use them.
+        task. ``"continue"``: run every item and push the results to XCom under the key
+        ``partial_results`` too (None where an item failed); if any item failed, fail the task
+        with one summary of every failed item. A downstream task with
+        ``trigger_rule="all_done"`` takes ``output["partial_results"]`` (the decorated call's
+        return value, or the operator's ``.output``): it is there whether items failed or not.
         With ``do_xcom_push=False`` nothing is pushed (results can be large); the task log
         still gets the run summary.
-    :param start_method: ``"forkserver"``, ``"spawn"`` or ``"fork"``. None:
+    :param start_method: ``"forkserver"``, ``"spawn"`` or ``"fork"`` (native engine only). None:
         ``[safeproc] start_method``, else a safe default (never fork from a threaded process).
+    :param engine: ``"native"`` (Linux) or ``"billiard"`` (a billiard pool: portable, e.g.
+        macOS). None: ``[safeproc] engine``, else native where the machine running the task
+        has what it needs, billiard elsewhere; the task log says which and why. An engine that
+        cannot run on that machine fails the task there, before any item runs.
     :param max_tasks_per_child: Replace a worker after this many items (leaky libraries).
     :param max_memory_per_child: Replace a worker whose resident memory grew past this many MiB.
     """
@@ -101,10 +123,12 @@ class ParallelPythonOperator(_compat.BaseOperator):
         item_retries: int = 0,
         on_item_error: OnItemError = "fail",
         start_method: StartMethod | None = None,
+        engine: EngineName | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("logger_name", default_logger_name(type(self), ParallelPythonOperator))
         super().__init__(**kwargs)
         self.python_callable = check_callable("python_callable", python_callable)
         self.iterable = iterable
@@ -116,6 +140,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         self.item_retries = check_non_negative_int("item_retries", item_retries)
         self.on_item_error = check_choice("on_item_error", on_item_error, ON_ITEM_ERROR)
         self.start_method = check_start_method(start_method)
+        self.engine = check_engine(engine)
         self.max_tasks_per_child = check_positive_int("max_tasks_per_child", max_tasks_per_child)
         self.max_memory_per_child = check_positive_number(
             "max_memory_per_child", max_memory_per_child, unit="MiB"
@@ -140,6 +165,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         pool = SafeProcessPoolExecutor(
             self.max_workers or _config.default_max_workers(),
             start_method=self.start_method or _config.default_start_method(),
+            engine=self.engine or _config.default_engine(),
             item_timeout=self.item_timeout,
             item_soft_timeout=self.item_soft_timeout,
             max_tasks_per_child=self.max_tasks_per_child,
@@ -149,19 +175,25 @@ class ParallelPythonOperator(_compat.BaseOperator):
             progress=self._progress_logger(),
         )
         self._pool = pool
+        self.log.info("engine %s (%s)", pool.engine, pool.engine_reason)
         try:
             with pool:
                 results, failures = self._run(pool, per_item, items)
         finally:
             self._pool = None
             self._report_summary(pool, context)
+        if failures and self.on_item_error == "fail":
+            index, error = failures[0]
+            raise ItemFailedError(index, error) from error
+        # "continue": partial_results always, so that a downstream task can always take
+        # output["partial_results"] (a missing key fails its XComArg). Nothing when
+        # do_xcom_push=False.
+        keep_partial = self.on_item_error == "continue" and self.do_xcom_push
+        if keep_partial:
+            context["ti"].xcom_push(key=PARTIAL_RESULTS_KEY, value=results)
         if failures:
-            if self.on_item_error == "fail":
-                index, error = failures[0]
-                raise ItemFailedError(index, error) from error
-            if self.do_xcom_push:  # do_xcom_push=False: nothing at all goes to XCom
-                context["ti"].xcom_push(key="partial_results", value=results)
-            raise PartialFailureError(failures, total=len(items))
+            hint = _partial_results_hint(self.task_id) if keep_partial else ""
+            raise PartialFailureError(failures, total=len(items), hint=hint)
         return results
 
     def _report_summary(self, pool: SafeProcessPoolExecutor, context: Any) -> None:

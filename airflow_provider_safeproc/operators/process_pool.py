@@ -24,6 +24,7 @@ from airflow_provider_safeproc.operators._context import (
     push_run_summary,
     refuse_task_process_only_params,
 )
+from airflow_provider_safeproc.operators._logging import default_logger_name
 from airflow_provider_safeproc.validation import check_callable, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class ProcessPoolOperator(_compat.BaseOperator):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("logger_name", default_logger_name(type(self), ProcessPoolOperator))
         super().__init__(**kwargs)
         self.python_callable = check_callable("python_callable", python_callable)
         self.op_args: Collection[Any] = list(op_args or [])

@@ -44,18 +44,25 @@ class _SpawningPopen:
         return fd
 
 
+class _ForkContextObject(RuntimeError):
+    """A semaphore made by the fork context: it has no name to be reopened by."""
+
+
+def _named_semaphore(lock: Any) -> Any:
+    # Python 3.11+ refuses these itself ("A SemLock created in a fork context..."); 3.10 would
+    # pickle the semaphore's raw address, which means nothing in another process.
+    if lock._semlock.name is None:
+        raise _ForkContextObject("a multiprocessing lock or semaphore of the fork context")
+    return lock.__reduce_ex__(5)
+
+
 def _pickler_class(*, find_only: bool) -> type[Any]:
     from multiprocessing import reduction, synchronize
 
     reducers: dict[type[Any], Any] = dict(reduction.ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
-    if find_only:  # fork: only the descriptors matter; semaphores are inherited as they are
-        for lock_type in (
-            synchronize.Lock,
-            synchronize.RLock,
-            synchronize.Semaphore,
-            synchronize.BoundedSemaphore,
-        ):
-            reducers[lock_type] = lambda _lock: (type(None), ())
+    locks = (synchronize.Lock, synchronize.RLock, synchronize.Semaphore, synchronize.BoundedSemaphore)
+    for lock_type in locks:  # fork: only the descriptors matter, semaphores are inherited as they are
+        reducers[lock_type] = (lambda _lock: (type(None), ())) if find_only else _named_semaphore
 
     class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         dispatch_table = {**cloudpickle.Pickler.dispatch_table, **reducers}
@@ -86,7 +93,7 @@ def pickle_for_workers(obj: Any, *, what: str) -> tuple[bytes, tuple[int, ...]]:
     try:
         blob, fds = _pickle_spawning(obj, find_only=False)
     except RuntimeError as exc:
-        if "fork context" in str(exc):
+        if isinstance(exc, _ForkContextObject) or "fork context" in str(exc):
             raise ConfigurationError(
                 f"the {what} hold a multiprocessing object made by the 'fork' context, which only a "
                 "worker forked from this process can use: create it from "

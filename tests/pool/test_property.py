@@ -145,6 +145,8 @@ def test_each_outcome_once_in_order_and_never_spurious(
             # while that worker lived.
             runs_there = {(i, p, run) for i, p, run in starts if (i, p) == (index, pid)}
             runs_elsewhere = {(i, p, run) for i, p, run in starts if i == index and p != pid}
-            assert runs_there or not runs_elsewhere, f"item {index} reported lost in worker {pid}, where it never started"
+            assert runs_there or not runs_elsewhere, (
+                f"item {index} reported lost in worker {pid}, where it never started"
+            )
         if behaviour == "die":
             assert not outcome["ok"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import selectors
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -148,8 +149,11 @@ class Supervisor:
             worker.state = "idle"
 
     def exited_before_ready(self, worker: NativeWorker, exitcode: int) -> None:
+        """A worker that ended before it was ready counts toward breaking the pool, unless
+        SIGKILLed from outside (the OOM killer, a kill loop): that says nothing of its start."""
         state = self.queue.state
-        if not worker.ever_ready and state.broken is None and not state.shutdown_requested:
+        killed = exitcode == -signal.SIGKILL
+        if not worker.ever_ready and not killed and state.broken is None and not state.shutdown_requested:
             self.startup_failed(f"worker {worker.pid} exited before it was ready: {describe_exit(exitcode)}")
 
     def startup_failed(self, reason: str) -> None:
