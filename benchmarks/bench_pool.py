@@ -2,8 +2,9 @@
 
     python benchmarks/bench_pool.py [--quick]
 
-Prints one table; every ratio compares figures taken minutes apart on the same machine. The
-machine is shared and noisy: each figure is the median of several repeats. Goals (issue 3):
+Prints one table, both engines (native, billiard) beside the stdlib, loky and billiard's own
+Pool; every ratio compares figures taken minutes apart on the same machine. The machine is
+shared and noisy: each figure is the median of several repeats. Goals (issue 3):
 
 - CPU-bound map (~10 ms items) inside a daemonic process: >= 0.97 of a stdlib ``Pool`` outside
   one, >= 1.9x over serial (2 CPUs);
@@ -79,12 +80,16 @@ def median_time(fn, repeats: int = REPEATS) -> float:
 # --- 1. CPU-bound map ------------------------------------------------------------------------
 
 
-def _ours_cpu_map() -> float:
+def _ours_cpu_map(engine: str = "native") -> float:
     def run():
-        with SafeProcessPoolExecutor(2) as pool:
+        with SafeProcessPoolExecutor(2, engine=engine) as pool:
             list(pool.map(burn, [10.0] * CPU_ITEMS))
 
     return median_time(run)
+
+
+def _ours_cpu_map_billiard() -> float:
+    return _ours_cpu_map("billiard")
 
 
 def _in_daemon(fn, conn) -> None:
@@ -111,15 +116,27 @@ def bench_cpu() -> list[tuple[str, str, str]]:
         with multiprocessing.get_context("forkserver").Pool(2) as pool:
             pool.map(burn, [10.0] * CPU_ITEMS)
 
+    def loky():
+        from joblib.externals.loky import ProcessPoolExecutor as LokyExecutor
+
+        with LokyExecutor(2) as pool:
+            list(pool.map(burn, [10.0] * CPU_ITEMS))
+
     stdlib_time = median_time(stdlib)
-    ours = run_in_daemonic_process(_ours_cpu_map)
-    return [
+    loky_time = median_time(loky)
+    rows = [
         ("CPU map, serial", f"{serial:.3f} s", f"{CPU_ITEMS} items of ~10 ms"),
         ("CPU map, stdlib Pool(2), normal process", f"{stdlib_time:.3f} s", ""),
-        ("CPU map, ours(2) in a daemonic process", f"{ours:.3f} s", ""),
-        ("  throughput vs stdlib (goal >= 0.97)", f"{stdlib_time / ours:.3f}", ""),
-        ("  speed-up over serial (goal >= 1.9)", f"{serial / ours:.2f}x", ""),
+        ("CPU map, loky(2), normal process", f"{loky_time:.3f} s", ""),
     ]
+    for engine, fn in (("native", _ours_cpu_map), ("billiard", _ours_cpu_map_billiard)):
+        ours = run_in_daemonic_process(fn)
+        rows += [
+            (f"CPU map, ours(2) {engine} engine, in a daemonic process", f"{ours:.3f} s", ""),
+            ("  throughput vs stdlib (goal >= 0.97)", f"{stdlib_time / ours:.3f}", ""),
+            ("  speed-up over serial (goal >= 1.9)", f"{serial / ours:.2f}x", ""),
+        ]
+    return rows
 
 
 # --- 2. many tiny items ----------------------------------------------------------------------
@@ -135,11 +152,18 @@ def bench_tiny() -> list[tuple[str, str, str]]:
             t = median_time(lambda cs=chunksize: pool.map(tiny, items, chunksize=cs))
             rows.append((f"100k tiny, stdlib Pool.map chunksize={chunksize}", f"{t:.3f} s", ""))
             best = t if best is None else min(best, t)
-    with SafeProcessPoolExecutor(2) as pool:
+    from joblib.externals.loky import ProcessPoolExecutor as LokyExecutor
+
+    with LokyExecutor(2) as pool:
         list(pool.map(tiny, range(100)))
-        ours = median_time(lambda: list(pool.map(tiny, items)))
-    rows.append(("100k tiny, ours, automatic chunks", f"{ours:.3f} s", ""))
-    rows.append(("  time vs stdlib's best (goal <= 1.1)", f"{ours / best:.3f}", ""))
+        loky = median_time(lambda: list(pool.map(tiny, items, chunksize=TINY_ITEMS // 16)))
+    rows.append(("100k tiny, loky, chunksize 6,250", f"{loky:.3f} s", ""))
+    for engine in ("native", "billiard"):
+        with SafeProcessPoolExecutor(2, engine=engine) as pool:
+            list(pool.map(tiny, range(100)))
+            ours = median_time(lambda: list(pool.map(tiny, items)))
+        rows.append((f"100k tiny, ours {engine} engine, automatic chunks", f"{ours:.3f} s", ""))
+        rows.append(("  time vs stdlib's best (goal <= 1.1)", f"{ours / best:.3f}", ""))
     return rows
 
 
@@ -151,10 +175,10 @@ import json, sys, time
 from airflow.__main__ import main  # noqa: F401
 sys.path.insert(0, {repo!r})
 
-def ours(method):
+def ours(method, engine="native"):
     from airflow_provider_safeproc import SafeProcessPoolExecutor
     started = time.perf_counter()
-    with SafeProcessPoolExecutor(2, start_method=method) as pool:
+    with SafeProcessPoolExecutor(2, start_method=method, engine=engine) as pool:
         pool.submit(abs, -1).result()
         return time.perf_counter() - started
 
@@ -167,7 +191,9 @@ def stdlib(method):
         return time.perf_counter() - started
 
 if __name__ == "__main__":
-    print(json.dumps({{"ours forkserver": ours("forkserver"), "ours spawn": ours("spawn"),
+    print(json.dumps({{"ours native forkserver": ours("forkserver"), "ours native spawn": ours("spawn"),
+                      "ours billiard forkserver": ours("forkserver", "billiard"),
+                      "ours billiard spawn": ours("spawn", "billiard"),
                       "stdlib spawn": stdlib("spawn")}}))
 """
 
@@ -186,7 +212,7 @@ def bench_first_result() -> list[tuple[str, str, str]]:
     rows = []
     for key in runs[0]:
         value = statistics.median(r[key] for r in runs)
-        goal = " (goal <= 0.4 s)" if key == "ours forkserver" else ""
+        goal = " (goal <= 0.4 s)" if key == "ours native forkserver" else ""
         rows.append((f"first result, __main__ = airflow CLI, {key}{goal}", f"{value:.3f} s", ""))
     started = time.perf_counter()
     with SafeProcessPoolExecutor(2) as pool:
@@ -204,8 +230,8 @@ def bench_shutdown() -> list[tuple[str, str, str]]:
 
     import billiard
 
-    def ours():
-        pool = SafeProcessPoolExecutor(2)
+    def ours(engine: str = "native"):
+        pool = SafeProcessPoolExecutor(2, engine=engine)
         list(pool.map(abs, range(4), chunksize=1))
         started = time.perf_counter()
         pool.shutdown()
@@ -228,7 +254,8 @@ def bench_shutdown() -> list[tuple[str, str, str]]:
 
     rows = []
     for name, fn in (
-        ("ours (goal <= 0.1 s)", ours),
+        ("ours native engine (goal <= 0.1 s)", ours),
+        ("ours billiard engine", lambda: ours("billiard")),
         ("stdlib ProcessPoolExecutor", stdlib),
         ("billiard Pool", bill),
     ):
@@ -257,16 +284,72 @@ def bench_rss() -> list[tuple[str, str, str]]:
         check=True,
     )
     rows = [("RSS, bare interpreter", f"{int(bare.stdout) / 2**20:.1f} MiB", "")]
-    for method in ("forkserver", "spawn"):
-        with SafeProcessPoolExecutor(1, start_method=method) as pool:
-            rss = pool.submit(_rss_mib).result()
-        rows.append((f"RSS, our worker ({method})", f"{rss:.1f} MiB", "no __main__, no airflow"))
+    for engine in ("native", "billiard"):
+        for method in ("forkserver", "spawn"):
+            with SafeProcessPoolExecutor(1, start_method=method, engine=engine) as pool:
+                rss = pool.submit(_rss_mib).result()
+            rows.append((f"RSS, our {engine} worker ({method})", f"{rss:.1f} MiB", "no __main__, no airflow"))
+    return rows
+
+
+# --- 6. a lost worker -----------------------------------------------------------------------------
+
+
+def _sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _ours_lost(engine: str) -> float:
+    with SafeProcessPoolExecutor(1, engine=engine) as pool:
+        future = pool.submit(_sleep, 60)
+        while not pool.worker_pids:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        killed = time.perf_counter()
+        os.kill(pool.worker_pids[0], 9)
+        try:
+            future.result(timeout=60)
+        except Exception:
+            pass
+        return time.perf_counter() - killed
+
+
+def _billiard_lost() -> float:
+    import billiard
+
+    pool = billiard.Pool(1)
+    done = []
+    pool.apply_async(_sleep, (60,), error_callback=lambda exc: done.append(time.perf_counter()))
+    time.sleep(1.0)
+    killed = time.perf_counter()
+    os.kill(pool._pool[0].pid, 9)
+    while not done and time.perf_counter() - killed < 60:
+        time.sleep(0.01)
+    pool.terminate()
+    return (done[0] if done else time.perf_counter()) - killed
+
+
+def bench_lost_worker() -> list[tuple[str, str, str]]:
+    rows = []
+    for engine in ("native", "billiard"):
+        value = statistics.median(_ours_lost(engine) for _ in range(3))
+        rows.append(
+            (f"lost worker noticed, ours {engine} engine", f"{value:.3f} s", "SIGKILL -> WorkerLostError")
+        )
+    rows.append(
+        (
+            "lost worker noticed, billiard Pool",
+            f"{_billiard_lost():.3f} s",
+            "one run; lost_worker_timeout=10 s",
+        )
+    )
     return rows
 
 
 def main() -> None:
     rows: list[tuple[str, str, str]] = []
-    for section in (bench_cpu, bench_tiny, bench_first_result, bench_shutdown, bench_rss):
+    for section in (bench_cpu, bench_tiny, bench_first_result, bench_shutdown, bench_lost_worker, bench_rss):
         print(f"running {section.__name__} ...", file=sys.stderr, flush=True)
         rows.extend(section())
     width = max(len(r[0]) for r in rows)

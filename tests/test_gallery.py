@@ -179,3 +179,23 @@ def test_timeouts_and_retries_continue_path_keeps_partial_results(airflow_dags):
     assert partial[5] is None
     assert sum(r is not None for r in partial) == 11
     assert result.xcom("summarize")["fetched"] == 11
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("venv_cache")
+@pytest.mark.parametrize("path", GALLERY_FILES, ids=lambda p: p.stem)
+def test_every_task_of_the_dag_succeeds_with_the_billiard_engine(
+    airflow_dags, task_logs, path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``[safeproc] engine = billiard``: the gallery as it would run where the native engine
+    cannot (macOS); the same checks hold."""
+    monkeypatch.setenv("AIRFLOW__SAFEPROC__ENGINE", "billiard")
+    result = _run(airflow_dags, path.stem)
+    _all_succeeded(result)
+    out = task_logs()
+    check = CHECKS.get(path.stem)
+    if check is not None:
+        check(result, out)
+    if "engine native" in out or "engine billiard" in out:  # the file has a parallel map
+        assert "engine native" not in out
+        assert "engine billiard (asked for)" in out

@@ -276,6 +276,9 @@ def test_runs_in_a_daemonic_task_process(run_in_daemon, daemon_kind):
         ({"max_tasks_per_child": 0}, "max_tasks_per_child must be an int >= 1"),
         ({"max_memory_per_child": -5}, "max_memory_per_child must be a number > 0"),
         ({"python_callable": "len"}, "python_callable must be callable"),
+        ({"engine": "loky"}, "engine must be one of 'native', 'billiard' or None"),
+        ({"item_soft_timeout": 0}, "item_soft_timeout must be a number > 0"),
+        ({"item_timeout": 5, "item_soft_timeout": 9}, "must be below item_timeout"),
     ],
 )
 def test_nonsense_arguments_fail_at_construction(kwargs, message):

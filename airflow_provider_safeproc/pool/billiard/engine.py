@@ -11,6 +11,7 @@ one) comes after each item.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import selectors
@@ -87,6 +88,7 @@ class BilliardEngine(Engine):
             status_dir=self.status_dir,
         )
         self.workers: dict[int, BilliardWorker] = {}
+        self.status_paths: dict[int, str] = {}
         self.pids: tuple[int, ...] = ()
         self.in_flight: dict[int, Dispatch] = {}  # seq -> sent to the helper, not Done yet
         self.seq = 0
@@ -289,6 +291,7 @@ class BilliardEngine(Engine):
             queue.output(message.pid, worker.item_tag() if worker is not None else None, message.text)
         elif isinstance(message, m.WorkerUp):
             self.workers[message.pid] = BilliardWorker(message.pid, StatusSlot.at_path(message.status_path))
+            self.status_paths[message.pid] = message.status_path
             self.pids = tuple(self.workers)
         elif isinstance(message, m.WorkerDown):
             self._worker_down(message.pid, message.exitcode)
@@ -298,6 +301,10 @@ class BilliardEngine(Engine):
     def _worker_down(self, pid: int, exitcode: int | None) -> None:
         worker = self.workers.pop(pid, None)
         self.pids = tuple(self.workers)
+        path = self.status_paths.pop(pid, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if worker is None:
             return
         if worker.dispatch is not None:

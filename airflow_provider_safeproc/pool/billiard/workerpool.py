@@ -206,9 +206,7 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
         if pipes.output_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(pipes.output_fd)
-        with contextlib.suppress(OSError):
-            os.unlink(pipes.status_path)
-        task = pipes.task
+        task = pipes.task  # (its status file is the engine's: it may not have read it yet)
         if task is not None:
             job = self._cache.get(task[1][0])
             if job is not None and not job._accepted:
