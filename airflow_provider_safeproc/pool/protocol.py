@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -45,6 +46,12 @@ class RunChunk(NamedTuple):
     positions: tuple[int, ...] | range
     precise: bool
     forget: tuple[int, ...] = ()
+
+
+def wire_positions(positions: Sequence[int]) -> tuple[int, ...] | range:
+    """Positions as a message carries them: a whole chunk stays a ``range`` (a few bytes, where
+    a tuple of 6,000 ints would cost more to pickle than the items themselves)."""
+    return positions if isinstance(positions, range) else tuple(positions)
 
 
 # --- messages: worker -> pool ------------------------------------------------------------

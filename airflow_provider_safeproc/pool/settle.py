@@ -120,20 +120,35 @@ def _record_batch(
     exceptions: dict[int, tuple[int, Any]],
     follow: Followup,
 ) -> None:
-    job, positions = dispatch.job, dispatch.positions
+    """Record a batch: runs of raw values between the special positions (a result pickled on
+    its own, a failure) in bulk, so a run of tiny items costs two slice assignments."""
+    positions = dispatch.positions
     k_end = k_start + len(values)
-    contiguous = values and positions[k_end - 1] - positions[k_start] == k_end - 1 - k_start
-    if contiguous and not pickled and not exceptions:
-        job.record_values(dispatch.index(positions[k_start]), values, worker.pid)
-        return
-    for k in range(k_start, k_end):
+    run_start = k_start
+    for k in sorted({*pickled, *exceptions}):
+        _record_run(worker, dispatch, k_start, values, run_start, k)
         if k in exceptions:
             kind, payload = exceptions[k]
             _item_failed(worker, dispatch, positions[k], kind, payload, follow)
-        elif k in pickled:
-            _record_pickled(worker, dispatch, positions[k], pickled[k])
         else:
-            job.record(dispatch.index(positions[k]), True, values[k - k_start], pid=worker.pid)
+            _record_pickled(worker, dispatch, positions[k], pickled[k])
+        run_start = k + 1
+    _record_run(worker, dispatch, k_start, values, run_start, k_end)
+
+
+def _record_run(
+    worker: WorkerRecord, dispatch: Dispatch, k_start: int, values: list[Any], start: int, end: int
+) -> None:
+    """Raw values of positions ``[start, end)`` of the dispatch (``values`` starts at ``k_start``)."""
+    if start >= end:
+        return
+    job, positions = dispatch.job, dispatch.positions
+    run = values[start - k_start : end - k_start]
+    if positions[end - 1] - positions[start] == end - 1 - start:  # contiguous: in bulk
+        job.record_values(dispatch.index(positions[start]), run, worker.pid)
+    else:
+        for k, value in zip(range(start, end), run, strict=True):
+            job.record(dispatch.index(positions[k]), True, value, pid=worker.pid)
 
 
 def _record_pickled(worker: WorkerRecord, dispatch: Dispatch, pos: int, data: bytes) -> None:

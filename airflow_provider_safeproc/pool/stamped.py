@@ -82,6 +82,8 @@ class TimeoutHandler:
         return timeout
 
     def check(self, workers: Iterable[StampedWorker]) -> None:
+        if self.item_timeout is None and self.item_soft_timeout is None:
+            return
         now = time.monotonic()
         for worker in list(workers):
             if worker.state != "busy" or worker.kill_reason is not None or worker.pid is None:

@@ -47,7 +47,9 @@ def test_billiard_runs_where_the_native_engine_cannot(monkeypatch: pytest.Monkey
     assert pool.engine == "billiard"
     assert pool.engine_reason == f"chosen automatically: the native engine cannot run here ({reason})"
     assert "engine 'billiard'" in caplog.text
-    with pytest.raises(ConfigurationError, match=r"engine='native' cannot run on this machine: it needs Linux"):
+    with pytest.raises(
+        ConfigurationError, match=r"engine='native' cannot run on this machine: it needs Linux"
+    ):
         SafeProcessPoolExecutor(1, engine="native")
 
 
@@ -55,7 +57,10 @@ def test_billiard_runs_where_the_native_engine_cannot(monkeypatch: pytest.Monkey
     ("kwargs", "message"),
     [
         ({"engine": "threads"}, "engine must be one of 'native', 'billiard' or None, got 'threads'"),
-        ({"engine": "billiard", "start_method": "fork"}, "start_method='fork'.*not available with the billiard engine"),
+        (
+            {"engine": "billiard", "start_method": "fork"},
+            "start_method='fork'.*not available with the billiard engine",
+        ),
     ],
 )
 def test_nonsense_engine_arguments_are_refused(kwargs, message):

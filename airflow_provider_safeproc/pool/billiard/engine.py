@@ -40,6 +40,7 @@ from airflow_provider_safeproc.pool.protocol import (
     StatusSlot,
     WorkerReady,
 )
+from airflow_provider_safeproc.pool.protocol import wire_positions as _wire_positions
 from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process
@@ -226,7 +227,7 @@ class BilliardEngine(Engine):
                 job.fn_id,
                 job.star,
                 job.tag_offset + dispatch.base,
-                tuple(dispatch.positions),
+                _wire_positions(dispatch.positions),
                 dispatch.precise,
                 forget,
             )

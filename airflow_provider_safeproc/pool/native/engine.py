@@ -37,6 +37,7 @@ from airflow_provider_safeproc.pool.protocol import (
     RunChunk,
     WorkerReady,
 )
+from airflow_provider_safeproc.pool.protocol import wire_positions as _wire_positions
 from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now
@@ -183,7 +184,7 @@ class NativeEngine(Engine):
                     job.fn_id,
                     job.star,
                     job.tag_offset + dispatch.base,
-                    tuple(dispatch.positions),
+                    _wire_positions(dispatch.positions),
                     dispatch.precise,
                     forget,
                 )
