@@ -17,7 +17,6 @@ import enum
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -142,6 +141,8 @@ def new_status_fd() -> int:
 
 def new_status_file(directory: str) -> str:
     """A page in a file of ``directory`` (private to this user), for platforms without memfd."""
+    import tempfile  # here: workers of the native engine never need it
+
     fd, path = tempfile.mkstemp(prefix="status-", dir=directory)
     try:
         os.ftruncate(fd, mmap.PAGESIZE)

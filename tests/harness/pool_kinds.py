@@ -1,7 +1,11 @@
-"""The engines and start methods the pool's contract tests run on, written once."""
+"""The engines and start methods the pool's contract tests run on, written once.
+
+``SAFEPROC_ENGINES=native`` (a comma-separated list) narrows them, for CI's secondary runs.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 from airflow_provider_safeproc.validation import START_METHODS
@@ -20,6 +24,8 @@ class PoolKind(NamedTuple):
 
 
 #: the billiard engine starts workers from a lean helper: "fork" (copies of the caller) is native only
-POOL_KINDS = [PoolKind("native", m) for m in START_METHODS] + [
+_ALL = [PoolKind("native", m) for m in START_METHODS] + [
     PoolKind("billiard", m) for m in START_METHODS if m != "fork"
 ]
+_ENGINES = [e.strip() for e in os.environ.get("SAFEPROC_ENGINES", "native,billiard").split(",") if e.strip()]
+POOL_KINDS = [kind for kind in _ALL if kind.engine in _ENGINES]
