@@ -246,14 +246,17 @@ class _Helper:
             self._send(m.Output(pipes.pid, line.decode("utf-8", "backslashreplace")))
 
     def _reap(self) -> None:
-        """Workers that exited: their pipes read to the end, then the engine and billiard told."""
+        """Workers that exited: their pipes read to the end, then the engine and billiard told.
+
+        A worker whose pipes we hold but that billiard no longer lists as alive is gone too:
+        billiard's bookkeeping may have collected it in an earlier round, with another."""
         pool = self.pool
         assert pool is not None
-        dead = [w for w in pool._pool if w._popen is not None and w._popen.poll() is not None]
-        for worker in dead:
-            pipes = pool.pipes.get(worker.pid)
-            if pipes is None:
-                continue
+        pool.note_exits()
+        alive = {w.pid for w in pool._pool if w._popen is not None and w._popen.returncode is None}
+        gone = [pid for pid in pool.pipes if pid not in alive]
+        for pid in gone:
+            pipes = pool.pipes[pid]
             fd = pipes.outq._reader.fileno()
             self._read_worker(pipes)  # whatever it wrote before dying (a grandchild may hold it)
             self._unregister(fd)
@@ -261,12 +264,12 @@ class _Helper:
                 self._read_output(pipes, final=True)
                 if pipes.output_fd is not None:
                     self._unregister(pipes.output_fd)
-            self.lines.pop(worker.pid, None)
-            self._send(m.WorkerDown(worker.pid, worker._popen.returncode))
-            task = pool.forget(worker.pid)
+            self.lines.pop(pid, None)
+            self._send(m.WorkerDown(pid, pool.exit_codes.pop(pid, None)))
+            task = pool.forget(pid)
             if task is not None:
                 pool.backlog.appendleft(task)
-        if dead:
+        if gone:
             pool.settle_exits()
             pool.dispatch()
 

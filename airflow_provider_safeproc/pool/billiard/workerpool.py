@@ -97,6 +97,7 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
         shared_fds: tuple[int, ...] = (),
     ) -> None:
         self.pipes: dict[int, WorkerPipes] = {}
+        self.exit_codes: dict[int, int] = {}  # of workers that ended, until the engine is told
         self._shared_fds = shared_fds
         self.backlog: collections.deque[tuple[Any, ...]] = collections.deque()
         self._config_bytes = config_bytes
@@ -212,6 +213,14 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
             if job is not None and not job._accepted:
                 return task  # it never started: another worker takes it
         return None
+
+    def note_exits(self) -> None:
+        """Collect the exit codes of workers that ended, before billiard forgets them."""
+        for worker in self._pool:
+            if worker._popen is not None and worker.pid not in self.exit_codes:
+                code = worker._popen.poll()
+                if code is not None:
+                    self.exit_codes[worker.pid] = code
 
     def settle_exits(self) -> None:
         """billiard's bookkeeping of exited workers, at once (its pipes were read to the end),
