@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
+import io
+import pickle
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -68,11 +71,22 @@ def register_unimportable_modules(*objs: Any) -> None:
             cloudpickle.register_pickle_by_value(module)
 
 
-def dumps(obj: Any, *, what: str, item: int | None = None) -> bytes:
-    """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit."""
+def dumps(
+    obj: Any,
+    *,
+    what: str,
+    item: int | None = None,
+    buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
+    pickler: Callable[..., cloudpickle.Pickler] = cloudpickle.Pickler,
+) -> bytes:
+    """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit.
+
+    ``buffer_callback`` and ``pickler`` serve :mod:`.pool.buffers` (large buffers out of band).
+    """
     try:
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
-        return data
+        with io.BytesIO() as file:
+            pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+            return file.getvalue()
     # pickle raises many types: PicklingError, TypeError, AttributeError... and a __reduce__ may
     # call sys.exit(): the object is at fault, not the caller, so that too is a SerializationError.
     except (Exception, SystemExit) as exc:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 try:  # the C pickler alone: pickle.py imports re & co., milliseconds a fresh interpreter need not spend
@@ -28,9 +30,20 @@ except ImportError:  # pragma: no cover
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["HEADER", "FrameBuffer", "LineSplitter", "encode_frame", "recv_frame", "send_frame", "write_frame"]
+__all__ = [
+    "HEADER",
+    "FrameBuffer",
+    "LineSplitter",
+    "encode_frame",
+    "frame_parts",
+    "recv_frame",
+    "recv_with_fds",
+    "send_frame",
+    "write_frame",
+]
 
 HEADER = struct.Struct("<IQ")
+_INT = struct.Struct("i")
 _SMALL_BLOB = 64 * 1024
 
 
@@ -40,51 +53,114 @@ def encode_frame(meta: Any, blob: bytes = b"") -> bytes:
     return HEADER.pack(len(head), len(blob)) + head + (blob if len(blob) < _SMALL_BLOB else b"")
 
 
-def send_frame(sock: socket.socket, meta: Any, blob: bytes = b"") -> None:
-    """Send one frame on a blocking socket (raises OSError if the peer is gone)."""
-    sock.sendall(encode_frame(meta, blob))
+def frame_parts(meta: Any, blob: bytes = b"") -> tuple[bytes, bytes]:
+    """A frame as the two writes :func:`send_frame` makes (the second empty for a small blob)."""
+    return encode_frame(meta, blob), (blob if len(blob) >= _SMALL_BLOB else b"")
+
+
+def send_frame(sock: socket.socket, meta: Any, blob: bytes = b"", fds: Sequence[int] = ()) -> None:
+    """Send one frame on a blocking socket (raises OSError if the peer is gone).
+
+    ``fds`` travel with the frame's first bytes (``SCM_RIGHTS``); the receiver collects them
+    in arrival order, and the frame's meta says how many are its own.
+    """
+    head = encode_frame(meta, blob)
+    if fds:
+        import socket as _socket  # only the pool's processes pass descriptors
+
+        sent = _socket.send_fds(sock, [head], list(fds))
+        head = head[sent:]
+    if head:
+        sock.sendall(head)
     if len(blob) >= _SMALL_BLOB:
         sock.sendall(blob)
 
 
 def write_frame(fd: int, meta: Any, blob: bytes = b"") -> None:
     """Write one frame to a blocking pipe or socket descriptor."""
-    for part in (encode_frame(meta, blob), blob if len(blob) >= _SMALL_BLOB else b""):
+    for part in frame_parts(meta, blob):
         view = memoryview(part)
         while view:
             view = view[os.write(fd, view) :]
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
+def _recv_exact(sock: socket.socket, size: int, fds: list[int] | None) -> bytearray | None:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
-        n = sock.recv_into(view[got:])
+        if fds is None:
+            n = sock.recv_into(view[got:])
+        else:
+            n, ancillary, _flags, _addr = sock.recvmsg_into([view[got:]], _FDS_SPACE)
+            fds.extend(_fds_in(ancillary))
         if n == 0:
             return None
         got += n
     return buf
 
 
-def recv_frame(sock: socket.socket) -> tuple[Any, bytes] | None:
-    """Block for one frame; None when the peer closed the socket."""
-    header = _recv_exact(sock, HEADER.size)
+def recv_frame(sock: socket.socket, fds: list[int] | None = None) -> tuple[Any, bytes] | None:
+    """Block for one frame; None when the peer closed the socket.
+
+    With ``fds``, descriptors that come with the bytes are appended to it (see :func:`send_frame`).
+    """
+    header = _recv_exact(sock, HEADER.size, fds)
     if header is None:
         return None
     meta_len, blob_len = HEADER.unpack(header)
-    body = _recv_exact(sock, meta_len + blob_len) if meta_len + blob_len else bytearray()
+    body = _recv_exact(sock, meta_len + blob_len, fds) if meta_len + blob_len else bytearray()
     if body is None:
         return None
     view = memoryview(body)
     return _loads(view[:meta_len]), bytes(view[meta_len:])
 
 
+_MAX_FDS = 16
+_FDS_SPACE = _MAX_FDS * _INT.size + 64  # CMSG_SPACE for that many, with room for the header
+
+
+def _fds_in(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    import socket as _socket  # only the pool's processes pass descriptors
+
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // _INT.size}i", data[: len(data) - len(data) % _INT.size]))
+    return fds
+
+
+def recv_with_fds(sock: socket.socket, size: int, fds: list[int] | deque[int]) -> bytes:
+    """Up to ``size`` bytes from a non-blocking socket, descriptors that came with them
+    appended to ``fds`` (raises ``BlockingIOError`` when nothing is there)."""
+    import socket as _socket
+
+    data, ancillary, _flags, _addr = sock.recvmsg(size, _FDS_SPACE, _socket.MSG_DONTWAIT)
+    if ancillary:
+        fds.extend(_fds_in(ancillary))
+    return data
+
+
 class FrameBuffer:
-    """Reassembles frames from the bytes a non-blocking reader got so far."""
+    """Reassembles frames from the bytes a non-blocking reader got so far.
+
+    ``fds`` holds descriptors received with the bytes, in arrival order: a frame's own are
+    taken by its reader (its meta says how many); :meth:`close` closes any never taken.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.fds: deque[int] = deque()
+
+    def take_fds(self, count: int) -> list[int]:
+        return [self.fds.popleft() for _ in range(min(count, len(self.fds)))]
+
+    def close(self) -> None:
+        while self.fds:
+            try:
+                os.close(self.fds.popleft())
+            except OSError:
+                pass
 
     def feed(self, data: bytes) -> list[tuple[Any, bytes]]:
         buf = self._buf

@@ -130,3 +130,17 @@ def check_tuple(name: str, value: Any) -> tuple[Any, ...]:
     if not isinstance(value, tuple):
         raise ConfigurationError(f"{name} must be a tuple, got {_shown(value)}")
     return value
+
+
+def check_module_names(name: str, value: Any) -> tuple[str, ...]:
+    """Dotted module names (``preload=["pandas", "airflow.sdk"]``); a lone string is refused,
+    since iterating it would name each letter."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise ConfigurationError(f"{name} must be a list of module names, got {_shown(value)}")
+    for module in value:
+        if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigurationError(
+                f"{name} must be a list of module names, got {_shown(module)} in it (a module name "
+                "is dotted identifiers: 'pandas', 'airflow.sdk')"
+            )
+    return tuple(sorted(set(value)))

@@ -85,6 +85,7 @@ def parallel_task(
     engine: EngineName | None = None,
     max_tasks_per_child: int | None = None,
     max_memory_per_child: float | None = None,
+    preload: Sequence[str] = (),
     **kwargs: Any,
 ) -> Callable[[Callable[Concatenate[_T, _P], _R]], ParallelTask[_T, _P, _R]]: ...
 

@@ -31,6 +31,7 @@ from airflow_provider_safeproc.validation import (
     check_choice,
     check_engine,
     check_item_timeouts,
+    check_module_names,
     check_non_negative_int,
     check_positive_int,
     check_positive_number,
@@ -103,6 +104,9 @@ class ParallelPythonOperator(_compat.BaseOperator):
         cannot run on that machine fails the task there, before any item runs.
     :param max_tasks_per_child: Replace a worker after this many items (leaky libraries).
     :param max_memory_per_child: Replace a worker whose resident memory grew past this many MiB.
+    :param preload: Modules to import once where the workers start from, instead of in each
+        worker (``["pandas"]``). What ``python_callable`` refers to is preloaded without being
+        named; name what it imports inside its body.
     """
 
     template_fields: Sequence[str] = ("iterable", "op_args", "op_kwargs")
@@ -126,6 +130,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         engine: EngineName | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
+        preload: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("logger_name", default_logger_name(type(self), ParallelPythonOperator))
@@ -145,6 +150,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         self.max_memory_per_child = check_positive_number(
             "max_memory_per_child", max_memory_per_child, unit="MiB"
         )
+        self.preload = list(check_module_names("preload", preload))
         refuse_task_process_only_params(
             self.python_callable, skip_positional=1 + len(self.op_args), explicit=self.op_kwargs
         )
@@ -170,6 +176,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
             item_soft_timeout=self.item_soft_timeout,
             max_tasks_per_child=self.max_tasks_per_child,
             max_memory_per_child=self.max_memory_per_child,
+            preload=self.preload,
             initializer=refuse_task_context,
             log=self.log.info,
             progress=self._progress_logger(),
@@ -264,16 +271,16 @@ class ParallelPythonOperator(_compat.BaseOperator):
             )
         return list(value)
 
-    def _progress_logger(self) -> Callable[[int, int], None]:
+    def _progress_logger(self) -> Callable[[int, int | None], None]:
         """A progress sink that logs at most every 10 s, and always the last item."""
         from airflow_provider_safeproc.progress import format_progress
 
         started = time.monotonic()
         last = [started]
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int | None) -> None:
             now = time.monotonic()
-            if done < total and now - last[0] < PROGRESS_EVERY_S:
+            if done != total and now - last[0] < PROGRESS_EVERY_S:
                 return
             last[0] = now
             self.log.info("%s", format_progress(done, total, now - started))

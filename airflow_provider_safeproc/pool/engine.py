@@ -48,6 +48,8 @@ class Engine(abc.ABC):
 
     #: the name users pick it by (``engine=...``)
     name: ClassVar[str]
+    #: whether large buffers go to workers beside the pickle, in shared memory (:mod:`.buffers`)
+    shares_buffers: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
@@ -74,6 +76,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def join(self, timeout: float | None = None) -> None:
         """Wait for the engine's thread to end (after a stop); never from that thread."""
+
+    def preload(self, modules: tuple[str, ...]) -> None:  # noqa: B027 - optional: most engines ignore it
+        """Modules the work will need, worth importing once where workers start from (any
+        thread; see :mod:`.preload`). Engines whose workers do not share one origin ignore it."""
 
     @abc.abstractmethod
     def forget_after_fork(self) -> None:

@@ -1,17 +1,16 @@
 """``SafeProcessPoolExecutor``: the pool's front, on the caller's side.
 
-It checks arguments before any process starts, serializes callables and items in the
-caller's thread (so an error names the item), puts the work in the
-:class:`~airflow_provider_safeproc.pool.workqueue.WorkQueue` and hands results back in input
-order; the engine behind it owns the processes (see :mod:`airflow_provider_safeproc.pool`).
+It checks arguments before any process starts, reads a map's input a window at a time and
+serializes it in the caller's thread (:mod:`~airflow_provider_safeproc.pool.feeding`, so an
+error names the item), puts the work in the
+:class:`~airflow_provider_safeproc.pool.workqueue.WorkQueue` and hands outcomes back
+(:mod:`~airflow_provider_safeproc.pool.results`); the engine behind it owns the processes
+(see :mod:`airflow_provider_safeproc.pool`).
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
-import math
 import multiprocessing
 import os
 import sys
@@ -19,25 +18,19 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
 from airflow_provider_safeproc._after_fork import forget_in_forked_child
 from airflow_provider_safeproc.cpu import effective_cpu_count
 from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
+from airflow_provider_safeproc.pool import results
+from airflow_provider_safeproc.pool.buffers import dumps_sharing
 from airflow_provider_safeproc.pool.engine import Engine, EngineSettings, choose_engine, create_engine
-from airflow_provider_safeproc.pool.jobs import (
-    CANCELLED_STATE,
-    FAILED_STATE,
-    OK_STATE,
-    PENDING_STATE,
-    Dispatch,
-    ItemOutcome,
-    Job,
-    MapSummary,
-    new_fn_id,
-)
-from airflow_provider_safeproc.pool.protocol import MAX_CHUNK, WorkerConfig
+from airflow_provider_safeproc.pool.feeding import WINDOW_PER_WORKER, ChunkSizing, InputReader, length_of
+from airflow_provider_safeproc.pool.jobs import Dispatch, ItemOutcome, Job, MapSummary, new_fn_id
+from airflow_provider_safeproc.pool.preload import modules_referred_to
+from airflow_provider_safeproc.pool.protocol import WorkerConfig
 from airflow_provider_safeproc.pool.sharing import find_shared_fds, pickle_for_workers
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.serialization import dumps, register_unimportable_modules
@@ -47,6 +40,7 @@ from airflow_provider_safeproc.validation import (
     check_callable,
     check_engine,
     check_item_timeouts,
+    check_module_names,
     check_non_negative_int,
     check_positive_int,
     check_positive_number,
@@ -61,8 +55,6 @@ _R = TypeVar("_R")
 
 DEFAULT_START_METHOD: StartMethod = "forkserver"
 _logger = logging.getLogger(__name__)
-# Automatic chunks: this many per worker for the whole map (the stdlib's Pool uses 4).
-_CHUNKS_PER_WORKER = 8
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _interpreter_exiting = False
 
@@ -104,7 +96,12 @@ class SafeProcessPoolExecutor(Executor):
         raises, the pool breaks (``BrokenPoolError``) instead of restarting workers forever.
     :param log: receives each line that workers print or log, tagged ``[item 17] ...``;
         default: this process's ``sys.stderr``.
-    :param progress: receives ``(done, total)`` as the items of a ``map`` finish.
+    :param progress: receives ``(done, total)`` as the items of a map finish; ``total`` is
+        None when the input has no length.
+    :param preload: modules to import once in the helper the workers are forked from
+        (``forkserver``, native engine), so that every worker starts with them instead of
+        importing them itself. The modules a mapped or submitted callable refers to are
+        preloaded without being named here; name those it imports inside its body.
     :raises ConfigurationError: (a ValueError) for any argument that can never work,
         before a process is started.
     """
@@ -123,7 +120,8 @@ class SafeProcessPoolExecutor(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         log: Callable[[str], None] | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+        preload: Iterable[str] = (),
     ) -> None:
         workers = check_positive_int("max_workers", max_workers)
         self._max_workers = workers if workers is not None else effective_cpu_count()
@@ -143,6 +141,7 @@ class SafeProcessPoolExecutor(Executor):
         check_tuple("initargs", initargs)
         check_callable("log", log, allow_none=True)
         check_callable("progress", progress, allow_none=True)
+        preload_modules = check_module_names("preload", preload)
         init_blob: bytes | None = None
         shared_fds: tuple[int, ...] = ()
         inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
@@ -158,6 +157,7 @@ class SafeProcessPoolExecutor(Executor):
             _warn_about_threads()
         self._progress = progress
         self._last_job: Job | None = None
+        self._readers: weakref.WeakSet[InputReader] = weakref.WeakSet()  # maps still being read
         self._submitted = 0
         config = WorkerConfig(
             sys_path=list(sys.path),
@@ -180,6 +180,8 @@ class SafeProcessPoolExecutor(Executor):
         self._engine = engine_
         _live_engines.add(engine_)
         forget_in_forked_child(engine_)
+        engine_.preload(preload_modules)
+        self._hinted: set[int] = set()  # callables whose modules the engine was told of
         engine_.start()
         # Garbage collection ends the pool once its queued work is done.
         self._finalizer = weakref.finalize(self, _request_stop, engine_)
@@ -218,17 +220,32 @@ class SafeProcessPoolExecutor(Executor):
         check_callable("fn", fn)
         index = self._submitted
         register_unimportable_modules(fn, *args, *kwargs.values())
+        self._hint_modules(fn)
         try:
-            blob = dumps([(fn, args, kwargs)], what="callable and arguments", item=index)
+            blob, shared = dumps_sharing(
+                [(fn, args, kwargs)],
+                what="callable and arguments",
+                item=index,
+                share=self._engine.shares_buffers,
+            )
         except SerializationError:
             _raise_precise_error(fn, args, kwargs, index)
             raise
         self._submitted += 1
         future: Future[_R] = Future()
-        job = Job(n=1, fn_id=None, fn_blob=None, star=True, chunks=[blob], chunksize=1, future=future)
-        job.tag_offset = index
-        self._put([Dispatch(job, 0, [0])])
+        job = Job(fn_id=None, fn_blob=None, star=True, total=1, tag_offset=index, future=future)
+        chunk = job.add_chunk(1, blob, shared)
+        job.exhausted = True
+        self._put([Dispatch(job, chunk, range(1))])
         return future
+
+    def _hint_modules(self, fn: Callable[..., Any]) -> None:
+        """Tell the engine what ``fn`` will import in the workers (see :mod:`.preload`): once
+        per function's code, since a submit loop must not pay it per call."""
+        key = id(getattr(fn, "__code__", fn))
+        if key not in self._hinted:
+            self._hinted.add(key)
+            self._engine.preload(modules_referred_to(fn))
 
     def _put(self, dispatches: list[Dispatch]) -> None:
         self._queue.put(dispatches)
@@ -240,21 +257,26 @@ class SafeProcessPoolExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = None,
+        buffersize: int | None = None,
     ) -> Iterator[_R]:
         """Like ``Executor.map``: results in input order; the first error (in order) is raised.
 
-        Every item is serialized (and sent) before this returns. Leaving the iterator early
+        The input is read lazily, ``buffersize`` chunks ahead of the caller (see
+        :meth:`map_outcomes`); an item that cannot be serialized raises ``SerializationError``
+        when the iteration reaches it. Leaving the iterator early stops the reading and
         cancels the items not yet started. ``timeout`` counts from this call. Each result is
         let go once handed out, so big results can be freed as the caller goes.
         """
         check_positive_number("timeout", timeout)
         if len(iterables) == 1:  # no 1-tuples to build, pickle and unpack: fn(item)
-            job = self._make_job(fn, list(iterables[0]), star=False, chunksize=chunksize)
+            reader = self._start_map(
+                fn, iter(iterables[0]), length_of(*iterables), chunksize, buffersize, star=False
+            )
         else:
-            rows = list(zip(*iterables))  # noqa: B905 - stops at the shortest iterable, like Executor.map
-            job = self._make_job(fn, rows, star=True, chunksize=chunksize)
-        deadline = None if timeout is None else job.started + timeout
-        return itertools.chain.from_iterable(self._result_runs(job, deadline))
+            rows = zip(*iterables)  # noqa: B905 - stops at the shortest iterable, like Executor.map
+            reader = self._start_map(fn, rows, length_of(*iterables), chunksize, buffersize, star=True)
+        deadline = None if timeout is None else reader.job.started + timeout
+        return results.MapResults.over(results.result_runs(reader, deadline, lambda: self._leave(reader)))
 
     def map_outcomes(
         self,
@@ -262,6 +284,7 @@ class SafeProcessPoolExecutor(Executor):
         items: Iterable[Any],
         *,
         chunksize: int | None = None,
+        buffersize: int | None = None,
         retries: int = 0,
         stop_on_error: bool = False,
     ) -> Iterator[ItemOutcome]:
@@ -269,96 +292,115 @@ class SafeProcessPoolExecutor(Executor):
 
         Never raises for an item: its error is in the outcome. ``retries`` re-runs an item
         that raised, timed out or lost its worker, up to that many more times.
-        ``stop_on_error``: after the first failure (retries spent), items not yet started
-        are never run; they are still yielded, in order, as outcomes with ``ok=False``,
-        ``error=CancelledError()`` and ``attempts=0``. Items already running finish.
-        """
-        check_non_negative_int("retries", retries)
-        job = self._make_job(
-            fn,
-            list(items),
-            star=False,
-            chunksize=chunksize,
-            retries=retries,
-            stop_on_error=bool(stop_on_error),
-        )
-        return self._outcomes(job)
+        ``stop_on_error``: after the first failure (retries spent) the input is no longer
+        read and items read but not started never run; they are still yielded, in order, as
+        outcomes with ``ok=False``, ``error=CancelledError()`` and ``attempts=0``. Items
+        already running finish.
 
-    def _make_job(
+        ``items`` is read lazily, in the caller's thread: at most ``buffersize`` chunks
+        (default: 4 per worker) are read and not yet handed back, so an endless generator
+        works and memory stays flat. ``chunksize`` (items per chunk) defaults to an equal
+        share per worker for an input with a length; without one, chunks grow from one item
+        as the measured speed allows.
+        """
+        reader = self._start_outcomes(
+            fn, items, chunksize, buffersize, retries, stop_on_error, unordered=False
+        )
+        return results.ordered_outcomes(reader, lambda: self._leave(reader))
+
+    def map_unordered(
         self,
-        fn: Callable[..., Any],
-        items: list[Any],
+        fn: Callable[[Any], Any],
+        items: Iterable[Any],
         *,
-        star: bool,
-        chunksize: int | None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
         retries: int = 0,
         stop_on_error: bool = False,
-    ) -> Job:
-        size = check_positive_int("chunksize", chunksize)
-        check_callable("fn", fn)
-        n = len(items)
-        if size is None:
-            size = max(1, math.ceil(n / (self._max_workers * _CHUNKS_PER_WORKER)))
-        size = min(size, MAX_CHUNK)
-        register_unimportable_modules(fn)
-        fn_blob = dumps(fn, what="callable")
-        chunks: list[bytes | None] = [
-            _dump_chunk(items[base : base + size], base) for base in range(0, n, size)
-        ]
-        job = Job(
-            n=n,
-            fn_id=new_fn_id(),
-            fn_blob=fn_blob,
-            star=star,
-            chunks=chunks,
-            chunksize=size,
+    ) -> Iterator[ItemOutcome]:
+        """:meth:`map_outcomes`, yielding each outcome as soon as its item finishes.
+
+        Every item read is yielded exactly once; ``ItemOutcome.index`` says which it was. A
+        slow item holds nothing up: the window moves on as outcomes are taken.
+        """
+        reader = self._start_outcomes(
+            fn, items, chunksize, buffersize, retries, stop_on_error, unordered=True
+        )
+        return results.unordered_outcomes(reader, lambda: self._leave(reader))
+
+    def _start_outcomes(
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[Any],
+        chunksize: int | None,
+        buffersize: int | None,
+        retries: int,
+        stop_on_error: bool,
+        *,
+        unordered: bool,
+    ) -> InputReader:
+        check_non_negative_int("retries", retries)
+        return self._start_map(
+            fn,
+            iter(items),
+            length_of(items),
+            chunksize,
+            buffersize,
             retries=retries,
             stop_on_error=stop_on_error,
+            unordered=unordered,
+        )
+
+    def _start_map(
+        self,
+        fn: Callable[..., Any],
+        items: Iterator[Any],
+        total: int | None,
+        chunksize: int | None,
+        buffersize: int | None,
+        *,
+        star: bool = False,
+        retries: int = 0,
+        stop_on_error: bool = False,
+        unordered: bool = False,
+    ) -> InputReader:
+        """Check the arguments, queue the first window; the reader that reads the rest."""
+        size = check_positive_int("chunksize", chunksize)
+        window = check_positive_int("buffersize", buffersize) or WINDOW_PER_WORKER * self._max_workers
+        check_callable("fn", fn)
+        self._queue.state.check_accepting()
+        register_unimportable_modules(fn)
+        self._hint_modules(fn)
+        job = Job(
+            fn_id=new_fn_id(),
+            fn_blob=dumps(fn, what="callable"),
+            star=star,
+            total=total,
+            retries=retries,
+            stop_on_error=bool(stop_on_error),
+            unordered=unordered,
             progress=self._progress,
         )
         self._last_job = job
-        if n:
-            self._put([Dispatch(job, i, range(min(size, n - i * size))) for i in range(len(chunks))])
-        else:
-            job.finished = job.started
-        return job
+        reader = InputReader(
+            job,
+            items,
+            sizing=ChunkSizing(size, total, self._max_workers),
+            window=window,
+            send=self._put,
+            wake=self._engine.wake,
+            share_buffers=self._engine.shares_buffers,
+        )
+        self._readers.add(reader)
+        reader.fill()
+        return reader
 
-    def _outcomes(self, job: Job) -> Iterator[ItemOutcome]:
-        try:
-            for index in range(job.n):
-                job.wait(index, None)
-                yield job.take_outcome(index)
-        finally:
-            self._abandon(job)
-
-    def _result_runs(self, job: Job, deadline: float | None) -> Iterator[Iterator[Any]]:
-        """Runs of consecutive results already there, up to the first pending or failed one.
-
-        ``map`` chains these runs, so 100,000 tiny results are handed out at C speed, with
-        no per-item bookkeeping; a failed item raises when the iteration reaches it. Each run
-        pops its results as they are handed out, and the job forgets them: a result the
-        caller dropped is freed.
-        """
-        state, values, n = job.state, job.values, job.n
-        try:
-            index = 0
-            while index < n:
-                if job.wait(index, deadline) != OK_STATE:
-                    error, values[index] = values[index], None
-                    raise error
-                end = state.find(PENDING_STATE, index)
-                end = n if end < 0 else end
-                failed = (state.find(FAILED_STATE, index, end), state.find(CANCELLED_STATE, index, end))
-                stop = min([f for f in failed if f >= 0], default=end)
-                run = collections.deque(values[index:stop])
-                values[index:stop] = itertools.repeat(None, stop - index)
-                yield itertools.starmap(run.popleft, itertools.repeat((), stop - index))
-                index = stop
-        finally:
-            self._abandon(job)
-
-    def _abandon(self, job: Job) -> None:
-        """The caller stopped iterating: items not started are not worth running."""
+    def _leave(self, reader: InputReader) -> None:
+        """The caller stopped iterating (done, or left early): read nothing more, and items
+        read but not started are not worth running."""
+        reader.stop()
+        self._readers.discard(reader)
+        job = reader.job
         if not job.complete:
             job.cancelled = True
             self._engine.wake()
@@ -368,7 +410,11 @@ class SafeProcessPoolExecutor(Executor):
         """Stop accepting work; end the workers once queued work is done (or cancelled).
 
         With ``wait``, returns when every worker and every process they started has ended.
+        A map still being iterated has the rest of its input read now and queued, as the
+        stdlib's ``Executor.map`` had done at the call; with ``cancel_futures`` it is not read,
+        and iterating it raises ``CancelledError`` where what was read ends.
         """
+        self._stop_reading(cancel=cancel_futures)
         _request_stop(self._engine, cancel=cancel_futures)
         if wait:
             self._engine.join()
@@ -377,8 +423,18 @@ class SafeProcessPoolExecutor(Executor):
         """End now: items not started are cancelled, running ones fail with ``BrokenPoolError``;
         workers and their descendants get SIGTERM, then SIGKILL after a grace. Blocks until done.
         """
+        self._stop_reading(cancel=True)
         _request_stop(self._engine, terminate=True)
         self._engine.join()
+
+    def _stop_reading(self, *, cancel: bool) -> None:
+        if os.getpid() != self._engine.owner_pid:
+            return
+        for reader in list(self._readers):
+            if cancel:
+                reader.stop(CancelledError())
+            else:
+                reader.read_all()
 
     def kill(self) -> None:
         """SIGKILL every worker and every process they started, at once.
@@ -403,20 +459,6 @@ def _request_stop(engine: Engine, *, cancel: bool = False, terminate: bool = Fal
         return
     engine.queue.state.request_stop(cancel=cancel, terminate=terminate)
     engine.wake()
-
-
-def _dump_chunk(chunk: list[Any], base: int) -> bytes:
-    """One chunk's bytes; a failure names the first item that cannot be serialized."""
-    try:
-        return dumps(chunk, what="arguments", item=base)
-    except SerializationError:
-        register_unimportable_modules(*chunk)
-        try:
-            return dumps(chunk, what="arguments", item=base)
-        except SerializationError:
-            for offset, item in enumerate(chunk):
-                dumps(item, what="argument", item=base + offset)
-            raise
 
 
 def _raise_precise_error(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> None:

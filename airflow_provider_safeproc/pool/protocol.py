@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+Layout = tuple[tuple[int, int], ...]  # (offset, size) of each large buffer in a message's memfd
+
 # --- messages: pool -> worker ------------------------------------------------------------
 
 
@@ -35,7 +37,9 @@ class RunChunk(NamedTuple):
 
     ``fn_id`` None: each item is ``(fn, args, kwargs)`` (submit). ``star``: call
     ``fn(*item)``. ``precise``: stamp every item (a worker died inside a run of tiny items
-    of this chunk). ``forget``: callables of finished maps the worker may drop.
+    of this chunk). ``forget``: callables of finished maps the worker may drop. ``shared``:
+    the layout of the chunk's large buffers, in the memfd that comes with the frame (see
+    :mod:`.buffers`; empty: none).
     """
 
     seq: int
@@ -45,6 +49,7 @@ class RunChunk(NamedTuple):
     positions: tuple[int, ...] | range
     precise: bool
     forget: tuple[int, ...] = ()
+    shared: Layout = ()
 
 
 def wire_positions(positions: Sequence[int]) -> tuple[int, ...] | range:
@@ -76,6 +81,8 @@ class Results(NamedTuple):
     ``final``: the dispatch is over for this worker; the positions after these were not run,
     because the pool cancelled them (``rest="cancelled"``) or the worker retires
     (``rest="unrun"``: run them elsewhere). ``retire``: the worker exits after this.
+    ``shared``: the layout of the results' large buffers, in the memfd that comes with the
+    frame; ``start``: the region where the batch's own buffers start (see :mod:`.buffers`).
     """
 
     seq: int
@@ -84,6 +91,8 @@ class Results(NamedTuple):
     final: bool
     rest: Rest
     retire: bool
+    shared: Layout = ()
+    start: int | None = None
 
 
 ItemTag = int | tuple[int, int] | None  # an item, a run of tiny items (first, last), or none

@@ -40,9 +40,10 @@ from airflow_provider_safeproc.errors import (
     SerializationError,
     WorkerLostError,
 )
+from airflow_provider_safeproc.pool.buffers import MappedBuffers, load_shared
 from airflow_provider_safeproc.pool.jobs import Dispatch, Job
 from airflow_provider_safeproc.pool.protocol import RAISED, UNLOADABLE, Phase, Results, Stamp
-from airflow_provider_safeproc.serialization import loads, rebuild_exception
+from airflow_provider_safeproc.serialization import rebuild_exception
 
 # Deaths of a dispatch in a row that pin no item and follow no progress, after which its
 # items fail: a chunk whose unpickling kills the worker would otherwise be sent forever.
@@ -83,8 +84,13 @@ class Followup:
     lines: list[str] = field(default_factory=list)  # for the pool's log
 
 
-def results(worker: WorkerRecord, message: Results, blob: bytes, follow: Followup) -> Job | None:
-    """A :class:`Results` message: record each reported item; the job, or None if stale."""
+def results(
+    worker: WorkerRecord, message: Results, blob: bytes, follow: Followup, mapped: MappedBuffers | None = None
+) -> Job | None:
+    """A :class:`Results` message: record each reported item; the job, or None if stale.
+
+    ``mapped``: the results' large buffers (see :mod:`.buffers`), which arrays are rebuilt on.
+    """
     dispatch = worker.dispatch
     if dispatch is None or message.seq != worker.seq:
         return None
@@ -93,16 +99,16 @@ def results(worker: WorkerRecord, message: Results, blob: bytes, follow: Followu
     k_end = message.first + message.size
     worker.reported = k_end
     try:
-        values, pickled, exceptions = loads(blob)
+        values, pickled, exceptions, starts = load_shared(blob, mapped, message.start)
     except BaseException as exc:  # SystemExit too: a result's __reduce__ must not end the pool
         _batch_unloadable(dispatch, positions[message.first : k_end], exc, follow)
     else:
-        _record_batch(worker, dispatch, message.first, values, pickled, exceptions, follow)
+        _record_batch(worker, dispatch, message.first, values, pickled, exceptions, follow, (mapped, starts))
     if message.final:
         left = list(positions[k_end:])
         worker.reported = len(positions)
         if message.rest == "cancelled":
-            job.record_cancelled([dispatch.index(p) for p in left])
+            dispatch.cancel(left)
         elif message.rest == "unrun" and left:
             follow.requeue.append(Dispatch(job, dispatch.chunk, left))
         worker.dispatch = None
@@ -119,6 +125,7 @@ def _record_batch(
     pickled: dict[int, bytes],
     exceptions: dict[int, tuple[int, Any]],
     follow: Followup,
+    shared: tuple[MappedBuffers | None, dict[int, int]] = (None, {}),
 ) -> None:
     """Record a batch: runs of raw values between the special positions (a result pickled on
     its own, a failure) in bulk, so a run of tiny items costs two slice assignments."""
@@ -131,7 +138,8 @@ def _record_batch(
             kind, payload = exceptions[k]
             _item_failed(worker, dispatch, positions[k], kind, payload, follow)
         else:
-            _record_pickled(worker, dispatch, positions[k], pickled[k])
+            mapped, starts = shared
+            _record_pickled(worker, dispatch, positions[k], pickled[k], mapped, starts.get(k))
         run_start = k + 1
     _record_run(worker, dispatch, k_start, values, run_start, k_end)
 
@@ -145,22 +153,27 @@ def _record_run(
     job, positions = dispatch.job, dispatch.positions
     run = values[start - k_start : end - k_start]
     if positions[end - 1] - positions[start] == end - 1 - start:  # contiguous: in bulk
-        job.record_values(dispatch.index(positions[start]), run, worker.pid)
+        job.record_run(dispatch.chunk, positions[start], run, worker.pid)
     else:
         for k, value in zip(range(start, end), run, strict=True):
-            job.record(dispatch.index(positions[k]), True, value, pid=worker.pid)
+            dispatch.record(positions[k], True, value, pid=worker.pid)
 
 
-def _record_pickled(worker: WorkerRecord, dispatch: Dispatch, pos: int, data: bytes) -> None:
+def _record_pickled(
+    worker: WorkerRecord,
+    dispatch: Dispatch,
+    pos: int,
+    data: bytes,
+    mapped: MappedBuffers | None = None,
+    start: int | None = None,
+) -> None:
     """One result serialized on its own: a failure to rebuild it here fails that item only."""
-    job = dispatch.job
-    index = dispatch.index(pos)
     try:
-        value = loads(data)
+        value = load_shared(data, mapped, start)
     except BaseException as exc:  # SystemExit too
-        job.record(index, False, _unloadable("result", exc, job.tag_offset + index), pid=worker.pid)
+        dispatch.record(pos, False, _unloadable("result", exc, dispatch.tag(pos)), pid=worker.pid)
     else:
-        job.record(index, True, value, pid=worker.pid)
+        dispatch.record(pos, True, value, pid=worker.pid)
 
 
 def _unloadable(what: str, exc: BaseException, item: int) -> DeserializationError:
@@ -177,25 +190,24 @@ def _batch_unloadable(
     One item: it fails. Several: they run again ``precise``, each result serialized on its
     own, so that the one at fault fails alone.
     """
-    job = dispatch.job
     if len(positions) == 1:
-        index = dispatch.index(positions[0])
-        job.record(index, False, _unloadable("result", exc, job.tag_offset + index))
+        dispatch.record(positions[0], False, _unloadable("result", exc, dispatch.tag(positions[0])))
     elif positions:
-        follow.requeue.append(Dispatch(job, dispatch.chunk, list(positions), dispatch.losses, precise=True))
+        follow.requeue.append(
+            Dispatch(dispatch.job, dispatch.chunk, list(positions), dispatch.losses, precise=True)
+        )
 
 
 def _item_failed(
     worker: WorkerRecord, dispatch: Dispatch, pos: int, kind: int, payload: Any, follow: Followup
 ) -> None:
     job = dispatch.job
-    index = dispatch.index(pos)
-    tag = job.tag_offset + index
+    tag = dispatch.tag(pos)
     error: BaseException
     if kind == RAISED:
         error = rebuild_exception(payload, item=tag)
-        if job.may_retry(index):
-            _retry(job, index, error, follow)
+        if job.may_retry(dispatch.chunk, pos):
+            _retry(dispatch, pos, error, follow)
             if worker.pid is not None:
                 job.pids.add(worker.pid)
             follow.requeue.append(Dispatch(job, dispatch.chunk, [pos]))
@@ -208,24 +220,23 @@ def _item_failed(
     else:
         type_name, reason = payload
         error = SerializationError("result", type_name, reason, item=tag)
-    job.record(index, False, error, pid=worker.pid)
+    dispatch.record(pos, False, error, pid=worker.pid)
 
 
-def _retry(job: Job, index: int, error: BaseException, follow: Followup) -> None:
-    """Count a retry of ``index`` and say so in the log: a retried item is not silent."""
-    job.note_retry(index)
-    failed = job.attempts(index) - 1
+def _retry(dispatch: Dispatch, pos: int, error: BaseException, follow: Followup) -> None:
+    """Count a retry of ``pos`` and say so in the log: a retried item is not silent."""
+    job = dispatch.job
+    job.note_retry(dispatch.chunk, pos)
+    failed = job.attempts(dispatch.chunk, pos) - 1
     follow.lines.append(
-        f"[item {job.tag_offset + index}] attempt {failed} of {job.retries + 1} failed "
+        f"[item {dispatch.tag(pos)}] attempt {failed} of {job.retries + 1} failed "
         f"({type(error).__name__}: {error}); retrying"
     )
 
 
 def _fail_all(worker: WorkerRecord, dispatch: Dispatch, positions: Sequence[int], make_error: Any) -> None:
-    job = dispatch.job
     for pos in positions:
-        index = dispatch.index(pos)
-        job.record(index, False, make_error(job.tag_offset + index), pid=worker.pid)
+        dispatch.record(pos, False, make_error(dispatch.tag(pos)), pid=worker.pid)
 
 
 def lost(
@@ -282,8 +293,7 @@ def lost(
     precise = dispatch.precise or phase == Phase.SEGMENT
     requeue = [p for p in remaining if p != culprit]
     if culprit is not None:
-        index = dispatch.index(culprit)
-        tag = job.tag_offset + index
+        tag = dispatch.tag(culprit)
         error: BaseException | None
         if timed_out and stamp is not None and worker.timed_out == (stamp.seq, culprit):
             error = ItemTimeoutError(item=tag, timeout=item_timeout or 0.0, pid=worker.pid)
@@ -294,11 +304,11 @@ def lost(
             error = WorkerLostError(pid=pid, exitcode=exitcode, item=tag, during=during)
         if error is not None:
             job.pids.add(pid)
-            if job.may_retry(index):
-                _retry(job, index, error, follow)
+            if job.may_retry(dispatch.chunk, culprit):
+                _retry(dispatch, culprit, error, follow)
                 requeue.insert(0, culprit)
             else:
-                job.record(index, False, error, pid=worker.pid)
+                dispatch.record(culprit, False, error, pid=worker.pid)
     progressed = culprit is not None or worker.reported > 0
     losses = 0 if progressed else dispatch.losses + 1
     if requeue and losses > _LOSSES_WITHOUT_CULPRIT:

@@ -42,7 +42,7 @@ class StampedWorker(WorkerRecord):
         dispatch = self.dispatch
         if stamp is None or dispatch is None:
             return None
-        return dispatch.job.tag_offset + dispatch.index(stamp.pos)
+        return dispatch.tag(stamp.pos)
 
 
 class TimeoutHandler:

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from airflow_provider_safeproc.errors import ItemSoftTimeoutError, SerializationError
+from airflow_provider_safeproc.pool.buffers import BufferCollector, MappedBuffers, load_shared, pack
 from airflow_provider_safeproc.pool.protocol import (
     RAISED,
     UNLOADABLE,
@@ -58,14 +59,18 @@ class Batch:
     ``exceptions`` maps positions to ``(RAISED | UNSERIALIZABLE | UNLOADABLE, payload)``.
     """
 
-    __slots__ = ("exceptions", "first", "pickled", "raw", "values")
+    __slots__ = ("buffers", "exceptions", "first", "pickled", "raw", "starts", "values")
 
-    def __init__(self, first: int) -> None:
+    def __init__(self, first: int, share_buffers: bool = False) -> None:
         self.first = first
         self.values: list[Any] = []
         self.pickled: dict[int, bytes] = {}
         self.exceptions: Exceptions = {}
         self.raw = False  # holds raw values of a segment, to be pickled with the batch
+        # Large buffers of the results, sent beside the pickles in shared memory (see
+        # pool.buffers); ``starts[k]``: where those of ``pickled[k]`` start.
+        self.buffers = BufferCollector() if share_buffers else None
+        self.starts: dict[int, int] = {}
 
     def add_pickled(self, k: int, value: Any) -> None:
         """Serialize the result of position ``k`` now; a failure is that item's outcome."""
@@ -75,7 +80,12 @@ class Batch:
         else:
             self.values[index] = None
         try:
-            self.pickled[k] = dumps(value, what="result")
+            if self.buffers is None:
+                self.pickled[k] = dumps(value, what="result")
+            else:
+                self.pickled[k], start = self.buffers.dumps(value, what="result")
+                if start is not None:
+                    self.starts[k] = start
         except BaseException as exc:  # SystemExit from a __reduce__ too: the item's, not ours
             cause = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
             type_name = exc.type_name if isinstance(exc, SerializationError) else type(value).__name__
@@ -85,14 +95,21 @@ class Batch:
         self.values.append(None)
         self.exceptions[k] = (kind, payload)
 
-    def encode(self) -> bytes:
+    def encode(self) -> tuple[bytes, int | None]:
+        """The batch's bytes, and where its own large buffers start (None: it has none)."""
         try:
-            return dumps((self.values, self.pickled, self.exceptions), what="results")
+            return self._dumps()
         except BaseException:  # a raw value of a segment: pickle each to find the one at fault
             for k in range(self.first, self.first + len(self.values)):
                 if k not in self.pickled and k not in self.exceptions:
                     self.add_pickled(k, self.values[k - self.first])
-            return dumps((self.values, self.pickled, self.exceptions), what="results")
+            return self._dumps()
+
+    def _dumps(self) -> tuple[bytes, int | None]:
+        whole = (self.values, self.pickled, self.exceptions, self.starts)
+        if self.buffers is None:
+            return dumps(whole, what="results"), None
+        return self.buffers.dumps(whole, what="results")
 
 
 class WorkerLoop:
@@ -144,8 +161,9 @@ class WorkerLoop:
         """The native engine's worker: initialize, then run what arrives on ``sock`` until it closes."""
         if not self.initialize():
             return
+        fds: list[int] = []
         while True:
-            frame = recv_frame(sock)
+            frame = recv_frame(sock, fds)
             if frame is None:
                 return  # the pool closed our socket: shut down
             message, blob = frame
@@ -154,7 +172,10 @@ class WorkerLoop:
             elif isinstance(message, RunChunk):
                 for fn_id in message.forget:
                     self.fns.pop(fn_id, None)
-                if self.run_chunk(message, blob):
+                mapped = MappedBuffers(fds.pop(0), message.shared) if message.shared and fds else None
+                retire = self.run_chunk(message, blob, mapped)
+                mapped = None  # the memory goes once the items' arrays are gone too
+                if retire:
                     return  # retiring (max_tasks_per_child or max_memory_per_child)
 
     def load_fn(self, fn_id: int, blob: bytes) -> None:
@@ -175,15 +196,19 @@ class WorkerLoop:
             return fn
         return functools.partial(_call_star, fn)
 
-    def run_chunk(self, message: RunChunk, blob: bytes) -> bool:
-        """Run the chunk's positions in order; True when this worker must retire."""
+    def run_chunk(self, message: RunChunk, blob: bytes, mapped: MappedBuffers | None = None) -> bool:
+        """Run the chunk's positions in order; True when this worker must retire.
+
+        ``mapped``: the chunk's large buffers, mapped copy-on-write for this run (see
+        :mod:`.buffers`), so an item that changes its argument in place changes its own copy.
+        """
         status, channel, config = self.status, self.channel, self.config
         seq, base = message.seq, message.base
         positions = list(message.positions)
         status.running(seq, positions[0], time.monotonic(), Phase.LOADING)
         failure: tuple[str, dict[str, Any]] | None = None
         try:
-            items = loads(blob)
+            items = load_shared(blob, mapped, 0)
         except BaseException as exc:  # every item of the chunk fails with it
             items, failure = None, ("arguments", capture_exception(exc))
         status.finished(seq, positions[0])
@@ -192,7 +217,8 @@ class WorkerLoop:
             failure = call.what_and_payload
         precise = message.precise or config.stamp_every_item
         n = len(positions)
-        batch = Batch(0)
+        share_buffers = self.channel.passes_fds
+        batch = Batch(0, share_buffers)
         rest: Rest = None
         retire = False
         avg: float | None = self.item_seconds.get(message.fn_id)
@@ -229,7 +255,7 @@ class WorkerLoop:
                 break
             if k < n and time.monotonic() - batch_started >= _FLUSH_INTERVAL:
                 self._send_results(seq, positions, batch, final=False)
-                batch = Batch(k)
+                batch = Batch(k, share_buffers)
                 batch_started = time.monotonic()
         if avg is not None:
             self.item_seconds[message.fn_id] = avg
@@ -327,10 +353,16 @@ class WorkerLoop:
         """Send the batch in one message; raw segment results are pickled under a segment stamp."""
         if batch.raw:  # a death while pickling them re-runs them precise
             self.status.running(seq, positions[batch.first], time.monotonic(), Phase.SEGMENT)
-        blob = batch.encode()
+        blob, start = batch.encode()
         if batch.raw:
             self.status.finished(seq, positions[batch.first])
-        self.channel.send(Results(seq, batch.first, len(batch.values), final, rest, retire), blob)
+        layout, fds, shared = pack(batch.buffers) if batch.buffers is not None else ((), [], None)
+        try:
+            message = Results(seq, batch.first, len(batch.values), final, rest, retire, layout, start)
+            self.channel.send(message, blob, fds)
+        finally:
+            if shared is not None:
+                shared.close()  # the pool has its own descriptor now
 
 
 _NOTHING = object()

@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from airflow_provider_safeproc.pool.protocol import ItemTag, LogLine
@@ -24,22 +24,27 @@ class Channel:
     """The worker's line to the pool; sends are locked because user threads may print.
 
     ``transport(message, blob)`` does the sending: a frame on the worker's socket (the native
-    engine), or a message on the worker's own billiard queue (the billiard engine).
+    engine, which can also pass descriptors: ``passes_fds``), or a message on the worker's
+    own billiard queue (the billiard engine).
     """
 
-    def __init__(self, transport: Callable[[Any, bytes], None]) -> None:
+    def __init__(self, transport: Callable[..., None], *, passes_fds: bool = False) -> None:
         self._transport = transport
+        self.passes_fds = passes_fds
         self.lock = threading.Lock()
         self.item: ItemTag = None  # the item (or run of items) running, for tags
         self.lines_sent = 0
 
     @classmethod
     def over_socket(cls, sock: socket.socket) -> Channel:
-        return cls(functools.partial(send_frame, sock))
+        return cls(functools.partial(send_frame, sock), passes_fds=True)
 
-    def send(self, message: Any, blob: bytes = b"") -> None:
+    def send(self, message: Any, blob: bytes = b"", fds: Sequence[int] = ()) -> None:
         with self.lock:
-            self._transport(message, blob)
+            if fds:
+                self._transport(message, blob, fds)
+            else:
+                self._transport(message, blob)
 
     def log(self, stream: str, line: str) -> None:
         self.lines_sent += 1

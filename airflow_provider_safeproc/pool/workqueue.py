@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 from airflow_provider_safeproc.errors import BrokenPoolError
 from airflow_provider_safeproc.pool import settle
+from airflow_provider_safeproc.pool.buffers import MappedBuffers
 from airflow_provider_safeproc.pool.jobs import Dispatch, Job
 from airflow_provider_safeproc.pool.protocol import ItemTag, Results, Stamp
 from airflow_provider_safeproc.pool.settle import WorkerRecord
@@ -106,21 +107,34 @@ class WorkQueue:
 
     # --- the engine's thread -------------------------------------------------------------
     def take_incoming(self) -> list[Job]:
-        """Move new work to the pending queue; the jobs the caller cancelled meanwhile."""
+        """Move new work to the pending queue; the jobs the caller cancelled meanwhile.
+
+        Items that could not be serialized when they were read get their error here (outcomes
+        are recorded on this thread only). Jobs whose caller stopped reading are let go once
+        every item read has its outcome.
+        """
         while self._incoming:
             dispatch = self._incoming.popleft()
-            self.jobs.add(dispatch.job)
-            self.pending.append(dispatch)
+            job = dispatch.job
+            self.jobs.add(job)
+            if dispatch.failed:
+                for pos, error in dispatch.failed.items():
+                    dispatch.record(pos, False, error)
+                job.publish()
+            if dispatch.positions:
+                self.pending.append(dispatch)
         cancelled = [job for job in self.jobs if job.cancelled]
         for job in cancelled:
             self._cancel_pending_of(job)
+        for job in [job for job in self.jobs if job.complete]:
+            self.forget_if_complete(job)
         return cancelled
 
     def _cancel_pending_of(self, job: Job) -> None:
         kept: collections.deque[Dispatch] = collections.deque()
         for dispatch in self.pending:
             if dispatch.job is job:
-                job.record_cancelled(dispatch.indexes())
+                dispatch.cancel()
             else:
                 kept.append(dispatch)
         self.pending = kept
@@ -133,7 +147,7 @@ class WorkQueue:
             dispatch = self.pending.popleft()
             job = dispatch.job
             if job.cancelled or not job.mark_running():  # cancelled: the map, or the submit's Future
-                job.record_cancelled(dispatch.indexes())
+                dispatch.cancel()
                 job.publish()
                 self.forget_if_complete(job)
                 continue
@@ -144,7 +158,7 @@ class WorkQueue:
         """``shutdown(cancel_futures=True)``: everything not yet handed out is cancelled."""
         self.take_incoming()
         for dispatch in self.pending:
-            dispatch.job.record_cancelled(dispatch.indexes())
+            dispatch.cancel()
             dispatch.job.publish()
         self.pending.clear()
         for job in list(self.jobs):
@@ -169,10 +183,12 @@ class WorkQueue:
             return True
         return not (self.has_incoming() or self.pending or workers_busy)
 
-    def settle_results(self, worker: WorkerRecord, message: Results, blob: bytes) -> Job | None:
+    def settle_results(
+        self, worker: WorkerRecord, message: Results, blob: bytes, mapped: MappedBuffers | None = None
+    ) -> Job | None:
         """A worker's results arrived: record them; the job (None for a stale message)."""
         follow = settle.Followup()
-        job = settle.results(worker, message, blob, follow)
+        job = settle.results(worker, message, blob, follow, mapped)
         self._follow(follow)
         if job is not None:
             self.forget_if_complete(job)
@@ -210,14 +226,14 @@ class WorkQueue:
                 state.broken = failure
         for dispatch in leftovers:
             if state.killed or state.broken is not None:
-                for index in dispatch.indexes():
-                    dispatch.job.record(index, False, failure)
+                for pos in dispatch.positions:
+                    dispatch.record(pos, False, failure)
             else:  # terminate(): never started, so cancelled
-                dispatch.job.record_cancelled(dispatch.indexes())
+                dispatch.cancel()
         self.pending.clear()
-        for job in list(self.jobs):
-            for index in job.unfinished():
-                job.record(index, False, failure)
+        for job in {*self.jobs, *(dispatch.job for dispatch in leftovers)}:
+            for chunk, pos in job.unfinished():
+                job.record(chunk, pos, False, failure)
             job.publish()
         self.jobs.clear()
 

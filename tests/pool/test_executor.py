@@ -115,16 +115,25 @@ def test_map_outcomes_reports_each_item_once_in_order(pool):
             assert o.error is None
 
 
-def test_stop_on_error_yields_cancelled_items_as_cancelled():
+def test_stop_on_error_stops_reading_and_yields_what_was_read_as_cancelled():
     def item(x):
         if x == 1:
             raise RuntimeError("first failure")
         time.sleep(0.05)
         return x
 
+    read: list[int] = []
+
+    def items():
+        for x in range(100):
+            read.append(x)
+            yield x
+
     with SafeProcessPoolExecutor(1) as pool:
-        outcomes = list(pool.map_outcomes(item, range(8), chunksize=1, stop_on_error=True))
-    assert [o.index for o in outcomes] == list(range(8))
+        outcomes = list(pool.map_outcomes(item, items(), chunksize=1, buffersize=4, stop_on_error=True))
+    assert [o.index for o in outcomes] == list(range(len(outcomes)))
+    assert len(read) < 10  # the window and the item read ahead; never the whole input
+    assert len(outcomes) <= len(read)
     assert outcomes[0].ok
     assert not outcomes[1].ok
     cancelled = [o for o in outcomes[2:] if isinstance(o.error, CancelledError)]
@@ -214,12 +223,19 @@ def test_each_chunk_is_serialized_once(pool):
     assert Counted.pickles == 40
 
 
-def test_unpicklable_argument_fails_at_map_time_naming_item_and_type(pool):
+def test_unpicklable_argument_fails_that_item_where_iteration_reaches_it(pool):
+    results = pool.map(square, [1, 2, Unpicklable(), 4], chunksize=2)
+    assert next(results) == 1
+    assert next(results) == 4
     with pytest.raises(SerializationError) as info:
-        pool.map(square, [1, 2, Unpicklable(), 4], chunksize=2)
+        next(results)
     assert info.value.item == 2
     assert "Unpicklable" in str(info.value)
     assert "item 2" in str(info.value)
+    outcomes = list(pool.map_outcomes(square, [1, 2, Unpicklable(), 4], chunksize=2))
+    assert [o.ok for o in outcomes] == [True, True, False, True]
+    assert isinstance(outcomes[2].error, SerializationError)
+    assert outcomes[3].value == 16
     with pytest.raises(SerializationError, match=r"item \d+.*_thread.lock"):
         pool.submit(square, threading.Lock())
 

@@ -5,7 +5,8 @@ SIGKILLs from outside at random moments, a chunk size above 1 and retries; the p
 either engine, runs in a daemonic parent of either kind. Every run of an item leaves a start and an end marker
 named after the worker's pid. Then:
 
-- outcomes come in input order, each index exactly once;
+- each index comes exactly once: in input order from ``map_outcomes``, in any order from
+  ``map_unordered``, whether the input is a list or a generator read a small window at a time;
 - a value is reported only for an item that ended, a ``WorkerLostError`` only for an item
   that ran (or was about to) in that very worker, after that worker is dead.
 """
@@ -29,7 +30,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 EXAMPLES = int(os.environ.get("SAFEPROC_PROPERTY_EXAMPLES", "14"))
 
 
-def _scenario(plan, chunksize, kill_delays_ms, retries, marks, engine):
+def _scenario(plan, chunksize, kill_delays_ms, retries, marks, engine, mode, window):
     import random
     import signal
     import threading
@@ -77,7 +78,9 @@ def _scenario(plan, chunksize, kill_delays_ms, retries, marks, engine):
         thread = threading.Thread(target=killer)
         thread.start()
         seen = []
-        for outcome in pool.map_outcomes(item, range(len(plan)), chunksize=chunksize, retries=retries):
+        items = range(len(plan)) if window is None else (i for i in range(len(plan)))
+        run_map = pool.map_unordered if mode == "unordered" else pool.map_outcomes
+        for outcome in run_map(item, items, chunksize=chunksize, retries=retries, buffersize=window):
             error = outcome.error
             lost = isinstance(error, WorkerLostError)
             seen.append(
@@ -110,15 +113,31 @@ plans = st.lists(
     retries=st.integers(0, 1),
     daemon_kind=st.sampled_from(["multiprocessing", "billiard"]),
     engine=st.sampled_from(["native", "billiard"]),
+    mode=st.sampled_from(["ordered", "unordered"]),
+    window=st.sampled_from([None, 1, 3]),
 )
 def test_each_outcome_once_in_order_and_never_spurious(
-    plan, chunksize, kill_delays_ms, retries, daemon_kind, engine, tmp_path_factory
+    plan, chunksize, kill_delays_ms, retries, daemon_kind, engine, mode, window, tmp_path_factory
 ):
     marks = tmp_path_factory.mktemp("marks")
     seen = run_in_daemon(
-        _scenario, plan, chunksize, kill_delays_ms, retries, str(marks), engine, kind=daemon_kind, timeout=120
+        _scenario,
+        plan,
+        chunksize,
+        kill_delays_ms,
+        retries,
+        str(marks),
+        engine,
+        mode,
+        window,
+        kind=daemon_kind,
+        timeout=120,
     )
-    assert [o["index"] for o in seen] == list(range(len(plan)))
+    indexes = [o["index"] for o in seen]
+    if mode == "unordered":
+        seen.sort(key=lambda o: o["index"])
+        indexes.sort()
+    assert indexes == list(range(len(plan)))
     names = [p.name.split("-") for p in marks.iterdir()]
     starts = {(int(i), int(pid), run) for kind, i, pid, run in names if kind == "start"}
     ends = {(int(i), int(pid), run) for kind, i, pid, run in names if kind == "end"}

@@ -17,11 +17,27 @@ def _queue() -> tuple[WorkQueue, list[str]]:
 
 
 def _map(n: int = 2) -> Job:
-    return Job(n=n, fn_id=1, fn_blob=b"fn", star=False, chunks=[b"c"] * n, chunksize=1)
+    """A map of ``n`` chunks of one item each, its input all read."""
+    job = Job(fn_id=1, fn_blob=b"fn", star=False, total=n)
+    for _ in range(n):
+        job.add_chunk(1, b"c")
+    job.stop_reading()
+    return job
 
 
 def _submit() -> Job:
-    return Job(n=1, fn_id=None, fn_blob=None, star=True, chunks=[b"c"], chunksize=1, future=Future())
+    job = Job(fn_id=None, fn_blob=None, star=True, total=1, future=Future())
+    job.add_chunk(1, b"c")
+    job.stop_reading()
+    return job
+
+
+def _one(job: Job, chunk: int = 0) -> Dispatch:
+    return Dispatch(job, job.chunks[chunk], [0])
+
+
+def _outcomes(job: Job) -> list[object]:
+    return [job.take_outcome(chunk, 0) for chunk in job.chunks]
 
 
 def test_work_flows_in_order_and_cancelled_work_is_skipped():
@@ -29,7 +45,7 @@ def test_work_flows_in_order_and_cancelled_work_is_skipped():
     first, cancelled, last = _submit(), _submit(), _submit()
     assert cancelled.future is not None
     cancelled.future.cancel()
-    queue.put([Dispatch(job, 0, [0]) for job in (first, cancelled, last)])
+    queue.put([_one(job) for job in (first, cancelled, last)])
     queue.take_incoming()
     assert queue.next_dispatch().job is first
     assert queue.next_dispatch().job is last
@@ -41,11 +57,11 @@ def test_work_flows_in_order_and_cancelled_work_is_skipped():
 def test_a_map_abandoned_by_its_caller_is_cancelled_at_the_next_look():
     queue, _ = _queue()
     job = _map()
-    queue.put([Dispatch(job, 0, [0]), Dispatch(job, 1, [0])])
+    queue.put([_one(job, 0), _one(job, 1)])
     job.cancelled = True
     assert queue.take_incoming() == [job]
     assert job.complete
-    assert all(isinstance(v, CancelledError) for v in job.values)
+    assert all(isinstance(o.error, CancelledError) for o in _outcomes(job))
     assert queue.jobs == set()
     assert queue.finished_fns == {1}  # workers may drop its callable
 
@@ -69,7 +85,7 @@ def test_what_a_caller_hears_after_the_end():
 def test_the_loop_ends_when_stopped_and_idle_or_at_once_when_ended():
     queue, _ = _queue()
     assert not queue.loop_done(workers_busy=False)
-    queue.put([Dispatch(_map(1), 0, [0])])
+    queue.put([_one(_map(1))])
     queue.state.request_stop()
     assert not queue.loop_done(workers_busy=False)  # queued work still runs after a stop
     queue.take_incoming()
@@ -77,7 +93,7 @@ def test_the_loop_ends_when_stopped_and_idle_or_at_once_when_ended():
     assert not queue.loop_done(workers_busy=True)
     assert queue.loop_done(workers_busy=False)
     queue, _ = _queue()
-    queue.put([Dispatch(_map(1), 0, [0])])
+    queue.put([_one(_map(1))])
     queue.state.request_stop(cancel=True)
     assert queue.loop_done(workers_busy=False)  # cancel_futures: nothing left to run
 
@@ -85,14 +101,42 @@ def test_the_loop_ends_when_stopped_and_idle_or_at_once_when_ended():
 def test_close_fails_or_cancels_every_item_without_an_outcome():
     queue, _ = _queue()
     running, queued = _map(1), _map(1)
-    queue.put([Dispatch(running, 0, [0]), Dispatch(queued, 0, [0])])
+    queue.put([_one(running), _one(queued)])
     queue.take_incoming()
     queue.next_dispatch()
     queue.state.request_stop(terminate=True)
     queue.close()
-    assert isinstance(queued.values[0], CancelledError)  # never started: cancelled
-    assert isinstance(running.values[0], BrokenPoolError)
-    assert "terminated before the item finished" in str(running.values[0])
+    (never_started,), (was_running,) = _outcomes(queued), _outcomes(running)
+    assert isinstance(never_started.error, CancelledError)
+    assert isinstance(was_running.error, BrokenPoolError)
+    assert "terminated before the item finished" in str(was_running.error)
+
+
+def test_an_item_that_could_not_be_read_fails_on_the_engine_thread_and_the_rest_runs():
+    queue, _ = _queue()
+    job = Job(fn_id=1, fn_blob=b"fn", star=False)
+    chunk = job.add_chunk(3, b"c")
+    job.stop_reading()
+    error = ValueError("cannot serialize")
+    queue.put([Dispatch(job, chunk, [0, 2], failed={1: error})])
+    assert chunk.state[1] == 0  # nothing recorded on the caller's thread
+    queue.take_incoming()
+    assert job.take_outcome(chunk, 1).error is error
+    assert list(queue.next_dispatch().positions) == [0, 2]
+
+
+def test_a_job_whose_caller_stopped_reading_is_let_go_once_its_items_are_done():
+    queue, _ = _queue()
+    job = Job(fn_id=1, fn_blob=b"fn", star=False)
+    chunk = job.add_chunk(1, b"c")
+    queue.put([Dispatch(job, chunk, [0])])
+    queue.take_incoming()
+    job.record(chunk, 0, True, 1)  # its last outcome, before the caller knew the input had ended
+    queue.forget_if_complete(job)
+    assert queue.jobs == {job}
+    job.stop_reading()
+    queue.take_incoming()
+    assert queue.jobs == set()
 
 
 def test_output_lines_are_tagged_with_what_printed_them():

@@ -11,6 +11,7 @@ one) comes after each item.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -45,7 +46,7 @@ from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process
 from airflow_provider_safeproc.serialization import rebuild_exception
-from airflow_provider_safeproc.streams import FrameBuffer, send_frame
+from airflow_provider_safeproc.streams import FrameBuffer, frame_parts, send_frame
 
 _QUIT_GRACE = 1.0
 _READ_SIZE = 1 << 20
@@ -96,6 +97,10 @@ class BilliardEngine(Engine):
         self.helper_pid: int | None = None
         self.sock: socket.socket | None = None
         self.frames = FrameBuffer()
+        # Frames for the helper not sent yet: this thread never blocks on a send, because the
+        # helper may be blocked sending us results meanwhile (a chunk of large arrays one
+        # way, results the other: two full socket buffers, two processes waiting on each other).
+        self.outbox: collections.deque[memoryview] = collections.deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -157,10 +162,16 @@ class BilliardEngine(Engine):
                     self._cancel_running(job)
                 if self.sock is not None:
                     self._hand_out_work()
-                for key, _ in selector.select(self.timeouts.next_wake(self.workers.values())):
+                    if self.sock in selector.get_map():
+                        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+                        selector.modify(self.sock, events, "helper")
+                for key, events in selector.select(self.timeouts.next_wake(self.workers.values())):
                     if key.data == "wake":
                         _drain(self.wake_r)
-                    elif not self._read_helper():
+                        continue
+                    if events & selectors.EVENT_WRITE:
+                        self._flush()
+                    if events & selectors.EVENT_READ and not self._read_helper():
                         selector.unregister(key.fileobj)
                         break
                 self.timeouts.check(self.workers.values())
@@ -231,8 +242,29 @@ class BilliardEngine(Engine):
                 dispatch.precise,
                 forget,
             )
-            assert self.sock is not None
-            send_frame(self.sock, m.RunTask(self.seq, run, job.fn_blob), job.chunks[dispatch.chunk] or b"")
+            self._send(m.RunTask(self.seq, run, job.fn_blob), dispatch.chunk.blob or b"")
+
+    def _send(self, message: Any, blob: bytes = b"") -> None:
+        """Queue a frame for the helper and send what the socket takes now (see ``outbox``)."""
+        for part in frame_parts(message, blob):
+            if part:
+                self.outbox.append(memoryview(part))
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.sock is not None
+        outbox = self.outbox
+        try:
+            while outbox:
+                sent = self.sock.send(outbox[0], socket.MSG_DONTWAIT)
+                if sent < len(outbox[0]):
+                    outbox[0] = outbox[0][sent:]
+                    return
+                outbox.popleft()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            outbox.clear()  # the helper is gone: reading its end of file settles the rest
 
     def _cancel_running(self, job: Job) -> None:
         for worker in self.workers.values():
@@ -335,7 +367,10 @@ class BilliardEngine(Engine):
                 else _QUIT_GRACE
             )
             try:
-                send_frame(self.sock, m.Quit(grace))
+                if self.outbox:  # the helper is not reading (busy or stuck): end of file is its quit
+                    self.sock.shutdown(socket.SHUT_WR)
+                else:
+                    send_frame(self.sock, m.Quit(grace))
             except OSError:
                 pass
             try:

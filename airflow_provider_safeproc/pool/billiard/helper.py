@@ -22,6 +22,7 @@ import functools
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -52,8 +53,9 @@ def main(ctrl_fd: int, parent_pid: int) -> NoReturn:
         os._exit(1)
     code = 0
     ctrl = socket.socket(fileno=ctrl_fd)
+    helper = _Helper(ctrl, parent_pid)
     try:
-        _Helper(ctrl, parent_pid).run()
+        helper.run()
     except BaseException:
         code = 70
         traceback.print_exc()
@@ -62,6 +64,8 @@ def main(ctrl_fd: int, parent_pid: int) -> NoReturn:
         except OSError:
             pass
     end_process_tree([os.getpid()], include_roots=False, grace=1.0, reap=True)
+    if helper.status_dir is not None:  # the engine may be gone (SIGKILL): its files go with us
+        shutil.rmtree(helper.status_dir, ignore_errors=True)
     os._exit(code)
 
 
@@ -75,6 +79,7 @@ class _Helper:
         self.quitting: float | None = None
         self.pool: PerWorkerPool | None = None
         self.early: list[tuple[Any, bytes]] = []
+        self.status_dir: str | None = None
 
     def run(self) -> None:
         set_child_subreaper()  # Linux: what a worker leaves behind stays findable
@@ -88,7 +93,7 @@ class _Helper:
         self.selector.register(self.ctrl, selectors.EVENT_READ, ("engine", None))
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
         sys.path[:] = config.worker.sys_path
-        status_dir = config.status_dir or tempfile.mkdtemp(prefix="safeproc-status-")
+        self.status_dir = status_dir = config.status_dir or tempfile.mkdtemp(prefix="safeproc-status-")
         self.pool = PerWorkerPool(
             config.processes,
             context=billiard.get_context(config.context),

@@ -15,6 +15,12 @@ class SpawnWorker(NamedTuple):
     key: int
 
 
+class Preload(NamedTuple):
+    """Import these modules before forking more workers (see :mod:`...preload`)."""
+
+    modules: tuple[str, ...]
+
+
 class Quit(NamedTuple):
     """End every worker and descendant: TERM, then KILL after ``grace``.
 
@@ -48,5 +54,15 @@ class WorkerExited(NamedTuple):
     exitcode: int
 
 
-ToGuardian = SpawnWorker | Quit
-FromGuardian = GuardianReady | WorkerStarted | SpawnFailed | WorkerExited
+class Preloaded(NamedTuple):
+    """What :class:`Preload` did: ``failed`` maps a module to why; ``threads`` besides the main
+    one after importing (any: workers start as fresh interpreters from now on)."""
+
+    modules: tuple[str, ...]
+    failed: dict[str, str]
+    threads: int
+    seconds: float
+
+
+ToGuardian = SpawnWorker | Preload | Quit
+FromGuardian = GuardianReady | WorkerStarted | SpawnFailed | WorkerExited | Preloaded

@@ -12,6 +12,7 @@ Linux only: it needs ``os.memfd_create``, ``SOCK_SEQPACKET``, ``PR_SET_CHILD_SUB
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import selectors
@@ -24,8 +25,10 @@ import weakref
 from typing import Any, ClassVar
 
 from airflow_provider_safeproc.errors import BrokenPoolError
+from airflow_provider_safeproc.pool.buffers import MappedBuffers
 from airflow_provider_safeproc.pool.engine import Engine, EngineSettings
 from airflow_provider_safeproc.pool.jobs import Job
+from airflow_provider_safeproc.pool.native.control import Preloaded
 from airflow_provider_safeproc.pool.native.launcher import GuardianHandle
 from airflow_provider_safeproc.pool.native.output import OutputForwarder
 from airflow_provider_safeproc.pool.native.workers import NativeWorker, Supervisor
@@ -42,7 +45,7 @@ from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now
 from airflow_provider_safeproc.serialization import rebuild_exception
-from airflow_provider_safeproc.streams import send_frame
+from airflow_provider_safeproc.streams import recv_with_fds, send_frame
 
 _READ_SIZE = 1 << 20
 _QUIT_GRACE = 1.0
@@ -62,6 +65,7 @@ class NativeEngine(Engine):
     unreferenced executor can be garbage collected; its finalizer asks for a stop."""
 
     name: ClassVar[str] = "native"
+    shares_buffers: ClassVar[bool] = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -92,6 +96,11 @@ class NativeEngine(Engine):
         )
         self.output = OutputForwarder(queue, self.supervisor, self.guardian)
         self._seqs = itertools.count(1)
+        # Modules to import in the guardian before it forks workers (see pool.preload): only
+        # forkserver workers are forks of it (fork: of the caller, already has them; spawn: fresh).
+        self._preload_wanted: collections.deque[str] = collections.deque()  # appended by any thread
+        self._preload_sent: set[str] = set()
+        self._preload_noted = False
         self.thread = threading.Thread(target=self._run, name="safeproc-dispatcher", daemon=True)
         if settings.start_method == "fork":
             # Forked now, from the caller's thread, before our own thread exists (see launcher).
@@ -117,6 +126,10 @@ class NativeEngine(Engine):
         self.guardian.kill_now()
         self.wake()
 
+    def preload(self, modules: tuple[str, ...]) -> None:
+        if self.settings.start_method == "forkserver" and modules:
+            self._preload_wanted.extend(modules)
+
     def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout)
@@ -138,6 +151,7 @@ class NativeEngine(Engine):
                 for job in queue.take_incoming():
                     self._cancel_running(job)
                 self._hand_out_work()
+                self._send_preload()
                 self.supervisor.start_as_needed()
                 if queue.loop_done(workers_busy=self.supervisor.any_busy()):
                     break
@@ -172,7 +186,8 @@ class NativeEngine(Engine):
                 return
             worker = idle.pop()
             worker.assign(dispatch, next(self._seqs))
-            job = dispatch.job
+            job, chunk = dispatch.job, dispatch.chunk
+            shared = chunk.shared
             try:
                 if job.fn_id is not None and job.fn_id not in worker.fns:
                     send_frame(worker.sock, LoadFunction(job.fn_id), job.fn_blob or b"")
@@ -187,11 +202,38 @@ class NativeEngine(Engine):
                     _wire_positions(dispatch.positions),
                     dispatch.precise,
                     forget,
+                    shared.layout if shared is not None else (),
                 )
-                send_frame(worker.sock, message, job.chunks[dispatch.chunk] or b"")
+                send_frame(worker.sock, message, chunk.blob or b"", [shared.fd] if shared is not None else ())
             except OSError:
                 # The worker died under us; its exit report will settle the whole dispatch.
                 worker.state = "closing"
+
+    def _send_preload(self) -> None:
+        wanted = self._preload_wanted
+        if not wanted or self.guardian.sock is None:
+            return
+        names: set[str] = set()
+        while wanted:
+            names.add(wanted.popleft())
+        new = tuple(sorted(names - self._preload_sent))
+        if new:
+            self._preload_sent.update(new)
+            self.guardian.preload(new)
+
+    def _on_preloaded(self, message: Preloaded) -> None:
+        if message.threads and not self._preload_noted:
+            self._preload_noted = True
+            self.queue.emit(
+                f"importing {', '.join(message.modules)} in the pool's helper process started "
+                f"{message.threads} thread(s); forking from a multi-threaded process is unsafe, so "
+                "new workers start as fresh interpreters (each imports what it needs)"
+            )
+        elif message.seconds >= 1.0:
+            self.queue.emit(
+                f"imported {', '.join(message.modules)} once in the pool's helper process "
+                f"({message.seconds:.1f} s): the workers start with it"
+            )
 
     def _cancel_running(self, job: Job) -> None:
         """A cancelled map: workers running a chunk of it stop before their next item."""
@@ -244,6 +286,9 @@ class NativeEngine(Engine):
                 self.selector.unregister(self.guardian.sock)
                 self.supervisor.guardian_gone(self.guardian.wait(1.0))
                 return
+            if isinstance(message, Preloaded):
+                self._on_preloaded(message)
+                continue
             self.supervisor.on_guardian(message)
             if self.queue.state.killed:
                 self.kill()  # a worker started after kill(): end it too
@@ -251,7 +296,7 @@ class NativeEngine(Engine):
     def _read_worker(self, worker: NativeWorker, *, drain: bool) -> None:
         while True:
             try:
-                data = worker.sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+                data = recv_with_fds(worker.sock, _READ_SIZE, worker.frames.fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -268,7 +313,11 @@ class NativeEngine(Engine):
         if isinstance(message, LogLine):
             self.queue.output(worker.pid, message.item, message.text)
         elif isinstance(message, Results):
-            job = self.queue.settle_results(worker, message, blob)
+            mapped = None
+            if message.shared:
+                fds = worker.frames.take_fds(1)
+                mapped = MappedBuffers(fds[0], message.shared) if fds else None
+            job = self.queue.settle_results(worker, message, blob, mapped)
             if job is not None and job.cancelled:
                 self.queue.take_incoming()
                 self._cancel_running(job)

@@ -21,6 +21,7 @@ Its control messages are in :mod:`~airflow_provider_safeproc.pool.native.control
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import pickle
 import select
@@ -35,7 +36,10 @@ from typing import Any, NoReturn
 
 from airflow_provider_safeproc.pool.native import worker
 from airflow_provider_safeproc.pool.native.control import (
+    FromGuardian,
     GuardianReady,
+    Preload,
+    Preloaded,
     Quit,
     SpawnFailed,
     SpawnWorker,
@@ -150,11 +154,8 @@ class _Guardian:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGUSR1, self._on_kill_signal)
+        self.wake_w = wake_w
+        self._set_signals()
         poller = select.poll()
         poller.register(self.ctrl, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
@@ -174,6 +175,35 @@ class _Guardian:
             self.stopping = True
             self._end_tree(stop.grace, workers_closing=stop.workers_closing)
 
+    def _set_signals(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGUSR1, self._on_kill_signal)
+
+    def _preload(self, modules: tuple[str, ...]) -> None:
+        """Import ``modules`` here, so that the workers forked from now on have them.
+
+        A module that fails to import is left for the worker (which then reports the error
+        with the item); one that starts threads makes forking unsafe: workers start as
+        fresh interpreters from then on. A module may set signal handlers: ours come back.
+        """
+        started = time.monotonic()
+        failed: dict[str, str] = {}
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except _Stop:
+                raise
+            except BaseException as exc:  # SystemExit from a module's top level too
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        self._set_signals()
+        threads = len(os.listdir("/proc/self/task")) - 1
+        if threads and self.worker_start == "fork" and self.inherited is None:
+            self.worker_start = "spawn"
+        self._send(Preloaded(modules, failed, threads, time.monotonic() - started))
+
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
             self.stopping = True
@@ -184,7 +214,7 @@ class _Guardian:
         kill_process_tree_now([os.getpid()], include_roots=False)
         os._exit(0)
 
-    def _send(self, message: GuardianReady | WorkerStarted | SpawnFailed | WorkerExited) -> None:
+    def _send(self, message: FromGuardian) -> None:
         try:
             self.ctrl.send(pickle.dumps(message))
         except OSError:
@@ -199,6 +229,9 @@ class _Guardian:
         if not isinstance(message, SpawnWorker):
             for fd in fds:
                 os.close(fd)
+            if isinstance(message, Preload):
+                self._preload(message.modules)
+                return
             if isinstance(message, Quit):
                 raise _Stop(message.grace, workers_closing=message.idle)
             raise _Stop(_STOP_GRACE)  # end of file: the pool's process is gone

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from airflow_provider_safeproc.pool.native import guardian
-from airflow_provider_safeproc.pool.native.control import FromGuardian, Quit, SpawnWorker
+from airflow_provider_safeproc.pool.native.control import FromGuardian, Preload, Quit, SpawnWorker
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
 from airflow_provider_safeproc.pool.protocol import WorkerConfig
 
@@ -93,6 +93,14 @@ class GuardianHandle:
     def request_worker(self, key: int, fds: list[int]) -> None:
         assert self.sock is not None
         socket.send_fds(self.sock, [pickle.dumps(SpawnWorker(key))], fds)
+
+    def preload(self, modules: tuple[str, ...]) -> None:
+        """Ask the guardian to import ``modules`` before it forks more workers."""
+        if self.sock is not None:
+            try:
+                self.sock.send(pickle.dumps(Preload(modules)))
+            except OSError:
+                pass
 
     def quit(self, grace: float, *, idle: bool) -> None:
         """Ask the guardian to end every worker and descendant (see :class:`Quit`)."""

@@ -189,6 +189,7 @@ class Supervisor:
         if worker.eof_at is None:
             self.selector.unregister(worker.sock)
         worker.sock.close()
+        worker.frames.close()
         self.close_output(worker)
         worker.status.close()
 
@@ -203,6 +204,7 @@ class Supervisor:
         for worker in list(self.workers.values()):
             try:
                 worker.sock.close()
+                worker.frames.close()
                 if worker.out_fd is not None:
                     os.close(worker.out_fd)
                     worker.out_fd = None
