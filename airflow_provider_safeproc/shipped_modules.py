@@ -20,7 +20,11 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["adopt_shipped_modules"]
+__all__ = ["STAND_IN", "adopt_shipped_modules"]
+
+#: Marks a module made to stand for one that cannot be imported here (the fresh interpreter's
+#: ``__main__`` for the caller's script): functions shipped from it are adopted into it.
+STAND_IN = "__safeproc_stand_in__"
 
 _COPIES_OF_CLOUDPICKLE = ("cloudpickle.cloudpickle", "joblib.externals.cloudpickle.cloudpickle")
 
@@ -95,13 +99,38 @@ def adopt_shipped_modules(objs: Iterable[Any]) -> None:
         if not isinstance(namespace, dict):
             continue
         name = getattr(obj, "__module__", None)
-        if isinstance(name, str) and name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__dict__.update(namespace)
-            sys.modules[name] = module
-            _ShippedModules.add(name)
+        if isinstance(name, str):
+            existing = sys.modules.get(name)
+            if existing is not None and getattr(existing, STAND_IN, False):
+                _adopt_into(existing, namespace)
+            elif existing is None and not _importable(name):
+                module = types.ModuleType(name)
+                module.__dict__.update(namespace)
+                sys.modules[name] = module
+                _ShippedModules.add(name)
         for cell in getattr(obj, "__closure__", None) or ():
             try:
                 stack.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 pass
+
+
+def _adopt_into(module: types.ModuleType, namespace: dict[str, Any]) -> None:
+    """Names of ``namespace`` the stand-in lacks (what it already holds, the first arrival's, stays)."""
+    for key, value in namespace.items():
+        if not key.startswith("__"):
+            module.__dict__.setdefault(key, value)
+
+
+def _importable(name: str) -> bool:
+    """Whether ``name``'s top-level package can be found here, without importing anything.
+
+    A closure or lambda arrives by value even from an importable module; giving that module a
+    stand-in would hide the real one from functions of it that arrive by reference.
+    """
+    import importlib.util  # here, not at the top: the fresh interpreter's start-up is timed
+
+    try:
+        return importlib.util.find_spec(name.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False

@@ -90,3 +90,14 @@ def test_exception_that_cannot_be_rebuilt_becomes_remote_error():
     assert rebuilt.item == 3
     assert "5/x" in str(rebuilt)
     assert "raise TwoArgError" in rebuilt.traceback
+
+
+def test_a_closure_from_an_importable_module_does_not_hide_that_module_from_its_functions():
+    """A closure arrives by value, still naming its module; a function of the same module that
+    arrives afterwards by reference must find the real module, not a stand-in for the closure."""
+    from airflow_provider_safeproc import SafeProcessPoolExecutor
+    from tests.harness import shipping
+
+    with SafeProcessPoolExecutor(1) as pool:
+        assert list(pool.map(shipping.make_adder(1), [1, 2])) == [2, 3]
+        assert list(pool.map(shipping.triple, [1, 2])) == [3, 6]

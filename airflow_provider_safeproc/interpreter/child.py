@@ -54,6 +54,7 @@ def _load_shared(name: str) -> Any:
 
 streams = _load_shared("streams")
 reaper = _load_shared("reaper")
+shipped_modules = _load_shared("shipped_modules")
 
 
 class _Stop(BaseException):
@@ -109,9 +110,16 @@ def _runner(
         if sys.path and os.path.abspath(sys.path[0] or ".") == here:
             del sys.path[0]  # this file's directory would shadow user modules (target.py...)
         sys.path.extend(p for p in header["extra_path"] if p not in sys.path)
-    # A neutral __main__: spawned pool workers then don't re-run this file.
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    sys.argv[:] = [""]
+    # A neutral __main__: spawned pool workers then don't re-run this file. When the caller is a
+    # plain script, the neutral __main__ stands for it, as multiprocessing's spawn arranges:
+    # the script's functions the payload brings are adopted into it (below), so a stdlib pool
+    # started here pickles them by reference; its spawned workers run the script as __mp_main__.
+    main = types.ModuleType("__main__")
+    main.__dict__[shipped_modules.STAND_IN] = True
+    if header.get("main_path"):
+        main.__file__ = header["main_path"]
+    sys.modules["__main__"] = main
+    sys.argv[:] = [header.get("main_path") or ""]
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # output reaches the log as printed
@@ -123,7 +131,7 @@ def _runner(
     try:
         fn, args, kwargs = _pickle_loads(payload)  # imports cloudpickle if needed
         del payload
-        _load_shared("shipped_modules").adopt_shipped_modules([fn, *args, *kwargs.values()])
+        shipped_modules.adopt_shipped_modules([fn, *args, *kwargs.values()])
         result = fn(*args, **kwargs)
     except BaseException as exc:
         frame = ("error", _capture(exc))

@@ -14,7 +14,12 @@ from typing import Any, TypeVar
 
 from airflow_provider_safeproc import serialization
 from airflow_provider_safeproc.interpreter.handle import InterpreterHandle
-from airflow_provider_safeproc.interpreter.target import parent_sys_path, resolve_python, user_path_entries
+from airflow_provider_safeproc.interpreter.target import (
+    parent_sys_path,
+    plain_main_script,
+    resolve_python,
+    user_path_entries,
+)
 from airflow_provider_safeproc.validation import check_callable, check_positive_number
 
 __all__ = ["run_in_interpreter", "start_in_interpreter"]
@@ -64,6 +69,9 @@ def start_in_interpreter(
         "sys_path": parent_sys_path() if target.same_environment else None,
         "extra_path": [] if target.same_environment else user_path_entries(),
         "grace": _LEFTOVER_GRACE,
+        # Another environment may lack what the script imports: its spawned pools would fail
+        # on running it, where module functions work without it.
+        "main_path": plain_main_script() if target.same_environment else None,
     }
     return InterpreterHandle(target, header, payload, env=env, cwd=cwd, timeout=timeout, log=log)
 

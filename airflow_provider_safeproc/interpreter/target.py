@@ -136,3 +136,21 @@ def user_path_entries() -> list[str]:
         if os.path.isdir(real):
             keep.append(entry)
     return keep
+
+
+def plain_main_script() -> str | None:
+    """The path of this process's ``__main__`` when it is a plain script (``python job.py``).
+
+    The child then gives the script's functions a ``__main__`` as multiprocessing's spawn does
+    (see ``child.py``). None for anything else, which must never be run again in the child or
+    its pools: the Airflow CLI and Celery (console scripts without ``.py``, or ``-m``, which
+    sets ``__spec__``), a package's ``__main__.py``, an interactive session.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or not isinstance(path, str):
+        return None
+    path = os.path.abspath(path)
+    if not path.endswith(".py") or os.path.basename(path) == "__main__.py" or not os.path.isfile(path):
+        return None
+    return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
@@ -178,6 +180,8 @@ def test_item_errors_fail_and_continue(airflow_dags, task_logs):
     assert "item 3 failed" in out  # fail_fast names the first failing item
     assert "worker traceback" in out
     assert "in fragile" in out
+    # with the DAG file's path and the source line, as a PythonOperator shows them
+    assert re.search(r'File "/[^"]+\.py", line \d+, in fragile\n +raise ValueError\(f"bad item \{x\}"\)', out)
 
 
 LOG_DAG = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from airflow_provider_safeproc.errors import ConfigurationError
@@ -158,6 +160,11 @@ def test_error_paths_fail_the_task_with_type_message_and_traceback(airflow_dags,
     out = task_logs()
     assert "ValueError: the input was wrong" in out
     assert "in raises_value_error" in out  # the child's traceback, not just str(e)
+    # with the DAG file's path and the source line, as a PythonOperator shows them
+    assert re.search(
+        r'File "/[^"]+\.py", line \d+, in raises_value_error\n +raise ValueError\("the input was wrong"\)',
+        out,
+    )
     assert "NeedsTwoArgs" in out
     assert "exit code 3" in out
     assert "exceeded timeout=1 s" in out
