@@ -12,12 +12,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Must happen before anything imports airflow (its settings are read at import time).
-_HOME = Path(os.environ.get("SAFEPROC_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="safeproc-airflow-"))
+if os.environ.get("SAFEPROC_TEST_AIRFLOW_HOME"):
+    _HOME = Path(os.environ["SAFEPROC_TEST_AIRFLOW_HOME"])
+else:  # ours: removed when the run ends
+    _HOME = Path(tempfile.mkdtemp(prefix="safeproc-airflow-"))
+    atexit.register(shutil.rmtree, _HOME, True)
 (_HOME / "dags").mkdir(parents=True, exist_ok=True)
 os.environ["SAFEPROC_TEST_AIRFLOW_HOME"] = str(_HOME)
 os.environ["AIRFLOW_HOME"] = str(_HOME)
