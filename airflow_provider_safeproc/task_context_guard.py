@@ -190,3 +190,8 @@ def refuse_task_context() -> None:
         module = sys.modules.get(name)
         if module is not None:
             _patch(module)
+
+
+# The pool sets it in its workers (and the helper they are forked from) before anything is
+# imported there, so a preloaded Airflow skips its database set-up too.
+refuse_task_context.worker_environment = WORKER_ENVIRONMENT  # type: ignore[attr-defined]

@@ -169,7 +169,10 @@ class SafeProcessPoolExecutor(Executor):
             or soft_timeout is not None
             or max_memory is not None,
             item_soft_timeout=soft_timeout,
-            environment={},
+            # An initializer may name what workers need in their environment before anything
+            # is imported (refuse_task_context: Airflow without its database): the helper the
+            # workers are forked from gets it too, for what it preloads.
+            environment=dict(getattr(initializer, "worker_environment", None) or {}),
             authkey=bytes(multiprocessing.current_process().authkey),
             shared_fds=shared_fds,
         )

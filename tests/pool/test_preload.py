@@ -147,3 +147,60 @@ def test_a_module_that_cannot_be_imported_is_left_to_the_workers():
 def test_preload_must_be_a_list_of_module_names(value):
     with pytest.raises(ConfigurationError, match="preload must be a list of module names"):
         SafeProcessPoolExecutor(1, preload=value)
+
+
+def _needs_environment():
+    """An initializer that declares what workers need in their environment (as refuse_task_context does)."""
+
+
+_needs_environment.worker_environment = {"SAFEPROC_TEST_PRELOAD_ALLOWED": "1"}  # type: ignore[attr-defined]
+
+_PICKY_PACKAGE = """
+import os
+from . import part  # imported, then the package fails: part must not outlive the failure
+if os.environ.get("SAFEPROC_TEST_PRELOAD_ALLOWED") != "1":
+    raise ImportError("only where SAFEPROC_TEST_PRELOAD_ALLOWED=1")
+VALUE = 41
+"""
+
+
+@pytest.fixture
+def picky_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A package that imports only where the workers' environment is set; its part logs importers."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = tmp_path / "safeproc_picky"
+    package.mkdir()
+    log = tmp_path / "part.imports"
+    log.write_text("")
+    (package / "__init__.py").write_text(_PICKY_PACKAGE)
+    (package / "part.py").write_text(textwrap.dedent(_TRACKED.format(log=str(log))))
+    importlib.invalidate_caches()
+    yield log
+    for name in ("safeproc_picky", "safeproc_picky.part"):
+        sys.modules.pop(name, None)
+
+
+def per_item_importing_picky(x):
+    import os
+
+    os.environ["SAFEPROC_TEST_PRELOAD_ALLOWED"] = "1"
+    import safeproc_picky
+
+    return x + safeproc_picky.VALUE
+
+
+def test_the_helper_preloads_with_the_environment_workers_get(picky_package):
+    pool = SafeProcessPoolExecutor(2, preload=["safeproc_picky"], initializer=_needs_environment)
+    with pool:
+        assert list(pool.map(per_item_importing_picky, range(4), chunksize=1)) == [41, 42, 43, 44]
+    assert len(_importers(picky_package)) == 1  # the helper's import, shared by the workers
+
+
+def test_a_failed_preload_leaves_nothing_half_imported_in_the_helper(picky_package):
+    with SafeProcessPoolExecutor(1, preload=["safeproc_picky"]) as pool:
+        assert list(pool.map(per_item_importing_picky, range(2))) == [41, 42]
+        worker = pool.worker_pids[0]
+    # the helper imported part and failed; the worker imported the package afresh, part too
+    importers = _importers(picky_package)
+    assert len(importers) == 2
+    assert importers[1] == worker

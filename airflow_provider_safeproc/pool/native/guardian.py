@@ -120,6 +120,7 @@ def _run(
         config_bytes = os.pread(config_fd, os.fstat(config_fd).st_size, 0)
         config: WorkerConfig = pickle.loads(config_bytes)
         sys.path[:] = config.sys_path
+        os.environ.update(config.environment)  # what workers get, for what is preloaded here too
         for fd in config.shared_fds:
             os.set_inheritable(fd, True)  # spawned workers get them at the same numbers
         _Guardian(ctrl, config_fd, config_bytes, parent_pid, worker_start, inherited).serve()
@@ -192,12 +193,15 @@ class _Guardian:
         started = time.monotonic()
         failed: dict[str, str] = {}
         for name in modules:
+            before = set(sys.modules)
             try:
                 importlib.import_module(name)
             except _Stop:
                 raise
             except BaseException as exc:  # SystemExit from a module's top level too
                 failed[name] = f"{type(exc).__name__}: {exc}"
+                for half_done in set(sys.modules) - before:  # workers must import it afresh
+                    del sys.modules[half_done]
         self._set_signals()
         threads = len(os.listdir("/proc/self/task")) - 1
         if threads and self.worker_start == "fork" and self.inherited is None:
