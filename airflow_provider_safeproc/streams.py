@@ -92,8 +92,8 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int] | None) -> bytear
         if fds is None:
             n = sock.recv_into(view[got:])
         else:
-            n, ancillary, _flags, _addr = sock.recvmsg_into([view[got:]], _FDS_SPACE)
-            fds.extend(_fds_in(ancillary))
+            n, ancillary, flags, _addr = sock.recvmsg_into([view[got:]], _FDS_SPACE, _cloexec())
+            fds.extend(_fds_in(ancillary, flags))
         if n == 0:
             return None
         got += n
@@ -120,13 +120,23 @@ _MAX_FDS = 16
 _FDS_SPACE = _MAX_FDS * _INT.size + 64  # CMSG_SPACE for that many, with room for the header
 
 
-def _fds_in(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def _cloexec() -> int:
     import socket as _socket  # only the pool's processes pass descriptors
+
+    return _socket.MSG_CMSG_CLOEXEC  # received descriptors never leak into a program started meanwhile
+
+
+def _fds_in(ancillary: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    import socket as _socket
 
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f"{len(data) // _INT.size}i", data[: len(data) - len(data) % _INT.size]))
+    if flags & _socket.MSG_CTRUNC:  # some were dropped (out of descriptors): frames would take the wrong ones
+        for fd in fds:
+            os.close(fd)
+        raise OSError("descriptors sent with a frame were lost (MSG_CTRUNC): the stream is no longer usable")
     return fds
 
 
@@ -135,9 +145,9 @@ def recv_with_fds(sock: socket.socket, size: int, fds: list[int] | deque[int]) -
     appended to ``fds`` (raises ``BlockingIOError`` when nothing is there)."""
     import socket as _socket
 
-    data, ancillary, _flags, _addr = sock.recvmsg(size, _FDS_SPACE, _socket.MSG_DONTWAIT)
-    if ancillary:
-        fds.extend(_fds_in(ancillary))
+    data, ancillary, flags, _addr = sock.recvmsg(size, _FDS_SPACE, _socket.MSG_DONTWAIT | _cloexec())
+    if ancillary or flags:
+        fds.extend(_fds_in(ancillary, flags))
     return data
 
 

@@ -29,6 +29,7 @@ import io
 import mmap
 import os
 import pickle
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 MIN_SHARED_BYTES = 256 * 1024
+MAX_OPEN_SHARED = 256
 _ALIGN = mmap.PAGESIZE  # each buffer on its own pages: copy-on-write stays per buffer
 _BYTES, _BYTEARRAY, _BUFFER, _READONLY_BUFFER = range(4)  # persistent ids: what a region rebuilds as
 
@@ -102,31 +104,41 @@ class _Referring(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, file: Any, *, buffers: list[memoryview], **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self._buffers = buffers
-        self._seen: dict[int, tuple[int, int]] = {}
+        self._seen: dict[int, tuple[tuple[int, int], Any]] = {}  # the object too: its id stays its own
 
     def persistent_id(self, obj: Any) -> tuple[int, int] | None:
         kind = _kind(obj)
         if kind is None:
             return None
-        found = self._seen.get(id(obj))
-        if found is None:
-            raw = obj.raw() if kind == _BUFFER else memoryview(obj).cast("B")
-            if kind == _BUFFER and raw.readonly:
-                kind = _READONLY_BUFFER
-            self._buffers.append(raw)
-            found = self._seen[id(obj)] = (kind, len(self._buffers) - 1)
+        seen = self._seen.get(id(obj))
+        if seen is not None:
+            return seen[0]
+        raw = obj.raw() if kind == _BUFFER else memoryview(obj).cast("B")
+        if kind == _BUFFER and raw.readonly:
+            kind = _READONLY_BUFFER
+        self._buffers.append(raw)
+        found = (kind, len(self._buffers) - 1)
+        self._seen[id(obj)] = (found, obj)
         return found
 
 
 def dumps_sharing(
     obj: Any, *, what: str, item: int | None = None, share: bool
 ) -> tuple[bytes, SharedBuffers | None]:
-    """``obj`` pickled whole; with ``share``, its large buffers in shared memory (from region 0)."""
-    if not share:
-        return dumps(obj, what=what, item=item), None
-    collector = BufferCollector()
-    blob, _start = collector.dumps(obj, what=what, item=item)
-    return blob, collector.write()
+    """``obj`` pickled whole; with ``share``, its large buffers in shared memory (from region 0).
+
+    Past :data:`MAX_OPEN_SHARED` chunks holding shared memory (thousands of queued submits of
+    big arrays), or when no memfd can be made, the data goes in the pickle: slower, never a
+    failure.
+    """
+    if share and SharedBuffers.open_count < MAX_OPEN_SHARED:
+        collector = BufferCollector()
+        blob, _start = collector.dumps(obj, what=what, item=item)
+        try:
+            return blob, collector.write()
+        except OSError:  # out of descriptors or of memory for one more memfd
+            pass
+    return dumps(obj, what=what, item=item), None
 
 
 _FRAME = 0x95
@@ -188,11 +200,19 @@ class SharedBuffers:
     """
 
     __slots__ = ("__weakref__", "_close", "fd", "layout")
+    open_count = 0  # in this process: a budget, so that queued work cannot exhaust descriptors
+    _count_lock = threading.Lock()
 
     def __init__(self, fd: int, layout: Layout) -> None:
         self.fd = fd
         self.layout = layout
-        self._close = weakref.finalize(self, _close_fd, fd)
+        with SharedBuffers._count_lock:
+            SharedBuffers.open_count += 1
+        self._close = weakref.finalize(self, _close_counted, fd)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _offset, size in self.layout)
 
     @classmethod
     def write(cls, buffers: Sequence[memoryview]) -> SharedBuffers:
@@ -218,7 +238,9 @@ class SharedBuffers:
         self._close()
 
 
-def _close_fd(fd: int) -> None:
+def _close_counted(fd: int) -> None:
+    with SharedBuffers._count_lock:
+        SharedBuffers.open_count -= 1
     try:
         os.close(fd)
     except OSError:
@@ -238,25 +260,68 @@ class MappedBuffers:
     """The reader's side: one private, writable (copy-on-write) mapping of a received memfd.
 
     The mapping lives as long as anything rebuilt on it (an array keeps its buffer, the buffer
-    its mapping); the descriptor is closed at once.
+    its mapping) and holds no descriptor: the received one is closed at once. (``mmap.mmap``
+    keeps a duplicate of the descriptor for as long as the mapping lives, before Python 3.13:
+    a caller that keeps a thousand results would run out of descriptors.)
     """
 
     def __init__(self, fd: int, layout: Layout) -> None:
         try:
             size = max(offset + size for offset, size in layout)
-            self.views: list[memoryview] = []
-            if size:
-                mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                whole = memoryview(mapping)
-                self.views = [whole[offset : offset + size] for offset, size in layout]
-            else:
-                self.views = [memoryview(b"") for _ in layout]
+            if os.fstat(fd).st_size < size:  # never map past the end: touching it is SIGBUS
+                raise OSError(f"shared buffers of {size} bytes announced, the memory holds fewer")
+            whole = _map_private(fd, size)
+            self.views: list[memoryview] = [whole[offset : offset + size] for offset, size in layout]
         finally:
             os.close(fd)
 
     def loads(self, blob: bytes | memoryview, start: int | None) -> Any:
         """Rebuild one pickle whose buffers start at region ``start``."""
         return _Unpickler(io.BytesIO(blob), self.views, start).load()
+
+
+class UnmappedBuffers(MappedBuffers):
+    """Buffers that came with a message but could not be mapped: rebuilding raises why."""
+
+    def __init__(self, error: OSError) -> None:  # no mapping, no descriptor
+        self.error = error
+        self.views = []
+
+    def loads(self, blob: bytes | memoryview, start: int | None) -> Any:
+        raise self.error
+
+
+def _map_private(fd: int, size: int) -> memoryview:
+    """``size`` bytes of ``fd`` mapped private and writable, unmapped when the last view goes."""
+    import ctypes  # only where large buffers arrive
+
+    libc = _libc()
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(
+            ctypes.get_errno(), f"mmap of {size} shared bytes failed: {os.strerror(ctypes.get_errno())}"
+        )
+    memory = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(memory, libc.munmap, address, size)
+    return memoryview(memory).cast("B")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
 
 
 class _Unpickler(pickle.Unpickler):

@@ -248,7 +248,11 @@ class SafeProcessPoolExecutor(Executor):
         key = id(getattr(fn, "__code__", fn))
         if key not in self._hinted:
             self._hinted.add(key)
-            self._engine.preload(modules_referred_to(fn))
+            try:
+                modules = modules_referred_to(fn)
+            except Exception:  # an odd global (a lazy proxy): only an optimisation is lost
+                return
+            self._engine.preload(modules)
 
     def _put(self, dispatches: list[Dispatch]) -> None:
         self._queue.put(dispatches)

@@ -148,7 +148,7 @@ class InputReader:
             self._finish()
             return
         blob, shared, failed = dump_chunk(batch, job.n, share_buffers=self.share_buffers)
-        self._sizing.note(len(batch), len(blob))
+        self._sizing.note(len(batch), len(blob) + (shared.nbytes if shared is not None else 0))
         chunk = job.add_chunk(len(batch), blob, shared)
         positions = range(len(batch)) if not failed else [p for p in range(len(batch)) if p not in failed]
         if ended:

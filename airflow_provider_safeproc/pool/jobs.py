@@ -162,6 +162,9 @@ class Job:
         """The last chunk could not be queued (the pool stopped): as if it was never read."""
         chunk = self.chunks.pop()
         self.n -= chunk.size
+        if chunk.shared is not None:
+            chunk.shared.close()
+            chunk.shared = None
 
     # --- the engine's thread -------------------------------------------------------------
     def attempts(self, chunk: Chunk, pos: int) -> int:

@@ -172,10 +172,8 @@ class WorkerLoop:
             elif isinstance(message, RunChunk):
                 for fn_id in message.forget:
                     self.fns.pop(fn_id, None)
-                mapped = MappedBuffers(fds.pop(0), message.shared) if message.shared and fds else None
-                retire = self.run_chunk(message, blob, mapped)
-                mapped = None  # the memory goes once the items' arrays are gone too
-                if retire:
+                shared_fd = fds.pop(0) if message.shared and fds else None
+                if self.run_chunk(message, blob, shared_fd):
                     return  # retiring (max_tasks_per_child or max_memory_per_child)
 
     def load_fn(self, fn_id: int, blob: bytes) -> None:
@@ -196,11 +194,11 @@ class WorkerLoop:
             return fn
         return functools.partial(_call_star, fn)
 
-    def run_chunk(self, message: RunChunk, blob: bytes, mapped: MappedBuffers | None = None) -> bool:
+    def run_chunk(self, message: RunChunk, blob: bytes, shared_fd: int | None = None) -> bool:
         """Run the chunk's positions in order; True when this worker must retire.
 
-        ``mapped``: the chunk's large buffers, mapped copy-on-write for this run (see
-        :mod:`.buffers`), so an item that changes its argument in place changes its own copy.
+        ``shared_fd``: the memfd of the chunk's large buffers, mapped copy-on-write for this run
+        (see :mod:`.buffers`), so an item that changes its argument in place changes its own copy.
         """
         status, channel, config = self.status, self.channel, self.config
         seq, base = message.seq, message.base
@@ -208,7 +206,9 @@ class WorkerLoop:
         status.running(seq, positions[0], time.monotonic(), Phase.LOADING)
         failure: tuple[str, dict[str, Any]] | None = None
         try:
+            mapped = MappedBuffers(shared_fd, message.shared) if shared_fd is not None else None
             items = load_shared(blob, mapped, 0)
+            del mapped  # the memory goes with the items' arrays
         except BaseException as exc:  # every item of the chunk fails with it
             items, failure = None, ("arguments", capture_exception(exc))
         status.finished(seq, positions[0])

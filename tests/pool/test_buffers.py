@@ -8,6 +8,7 @@ of it is open and no mapping of it is left, in the parent and in the workers.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -98,6 +99,38 @@ def test_a_large_pickle_of_small_objects_stays_whole_and_large_bytes_anywhere_le
     assert len(blob) < 4096
     assert loaded == nested
     shared.close()
+
+
+class _Blob:
+    """Supplies a fresh, short-lived PickleBuffer each time it is pickled (as some reducers do)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return _Blob, (None,), pickle.PickleBuffer(bytearray(self.data))
+
+    def __setstate__(self, state) -> None:
+        self.data = bytes(state)
+
+
+def test_short_lived_buffers_each_keep_their_own_data():
+    """A PickleBuffer freed during pickling must not lend its id, and region, to the next one."""
+    first, second = _Blob(b"a" * MIN_SHARED_BYTES), _Blob(b"b" * MIN_SHARED_BYTES)
+    *_, shared, loaded = _round_trip([first, second, b"c" * MIN_SHARED_BYTES])
+    assert [blob.data[:1] for blob in loaded[:2]] == [b"a", b"b"]
+    shared.close()
+
+
+def test_rebuilt_arrays_hold_no_descriptor():
+    before = len(os.listdir("/proc/self/fd"))
+    collector = BufferCollector()
+    blob, start = collector.dumps(np.zeros(BIG), what="result")
+    shared = collector.write()
+    kept = [MappedBuffers(os.dup(shared.fd), shared.layout).loads(blob, start) for _ in range(50)]
+    shared.close()
+    assert len(os.listdir("/proc/self/fd")) <= before  # the mappings stay, the descriptors do not
+    assert all(float(a.sum()) == 0.0 for a in kept)
 
 
 def test_a_read_only_array_stays_read_only():

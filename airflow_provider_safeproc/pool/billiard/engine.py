@@ -367,10 +367,12 @@ class BilliardEngine(Engine):
                 else _QUIT_GRACE
             )
             try:
-                if self.outbox:  # the helper is not reading (busy or stuck): end of file is its quit
+                # Never a blocking send here: the helper may be blocked sending us results we no
+                # longer read. What the socket does not take at once, end of file replaces.
+                self._send(m.Quit(grace))
+                if self.outbox:
+                    self.outbox.clear()
                     self.sock.shutdown(socket.SHUT_WR)
-                else:
-                    send_frame(self.sock, m.Quit(grace))
             except OSError:
                 pass
             try:

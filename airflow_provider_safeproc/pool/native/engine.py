@@ -25,7 +25,7 @@ import weakref
 from typing import Any, ClassVar
 
 from airflow_provider_safeproc.errors import BrokenPoolError
-from airflow_provider_safeproc.pool.buffers import MappedBuffers
+from airflow_provider_safeproc.pool.buffers import MappedBuffers, UnmappedBuffers
 from airflow_provider_safeproc.pool.engine import Engine, EngineSettings
 from airflow_provider_safeproc.pool.jobs import Job
 from airflow_provider_safeproc.pool.native.control import Preloaded
@@ -222,12 +222,17 @@ class NativeEngine(Engine):
             self.guardian.preload(new)
 
     def _on_preloaded(self, message: Preloaded) -> None:
-        if message.threads and not self._preload_noted:
+        if (message.threads or message.failed) and not self._preload_noted:
             self._preload_noted = True
+            why = (
+                f"importing {', '.join(message.modules)} there started {message.threads} thread(s), and "
+                "forking a multi-threaded process is unsafe"
+                if message.threads
+                else "importing "
+                + "; ".join(f"{name} there failed ({reason})" for name, reason in message.failed.items())
+            )
             self.queue.emit(
-                f"importing {', '.join(message.modules)} in the pool's helper process started "
-                f"{message.threads} thread(s); forking from a multi-threaded process is unsafe, so "
-                "new workers start as fresh interpreters (each imports what it needs)"
+                f"new workers start as fresh interpreters, not as forks of the pool's helper process: {why}"
             )
         elif message.seconds >= 1.0:
             self.queue.emit(
@@ -316,7 +321,12 @@ class NativeEngine(Engine):
             mapped = None
             if message.shared:
                 fds = worker.frames.take_fds(1)
-                mapped = MappedBuffers(fds[0], message.shared) if fds else None
+                try:
+                    if not fds:
+                        raise OSError("the results' shared buffers did not arrive with them")
+                    mapped = MappedBuffers(fds[0], message.shared)
+                except OSError as exc:  # out of memory or mappings: these results fail, not the pool
+                    mapped = UnmappedBuffers(exc)
             job = self.queue.settle_results(worker, message, blob, mapped)
             if job is not None and job.cancelled:
                 self.queue.take_incoming()

@@ -186,25 +186,24 @@ class _Guardian:
     def _preload(self, modules: tuple[str, ...]) -> None:
         """Import ``modules`` here, so that the workers forked from now on have them.
 
-        A module that fails to import is left for the worker (which then reports the error
-        with the item); one that starts threads makes forking unsafe: workers start as
-        fresh interpreters from then on. A module may set signal handlers: ours come back.
+        A module that fails to import, or one that starts threads, ends the forking: workers
+        start as fresh interpreters from then on (and such a worker reports the import error
+        with the item). A module may set signal handlers: ours come back.
         """
         started = time.monotonic()
         failed: dict[str, str] = {}
         for name in modules:
-            before = set(sys.modules)
             try:
                 importlib.import_module(name)
             except _Stop:
                 raise
             except BaseException as exc:  # SystemExit from a module's top level too
                 failed[name] = f"{type(exc).__name__}: {exc}"
-                for half_done in set(sys.modules) - before:  # workers must import it afresh
-                    del sys.modules[half_done]
         self._set_signals()
         threads = len(os.listdir("/proc/self/task")) - 1
-        if threads and self.worker_start == "fork" and self.inherited is None:
+        # Threads make forking unsafe; a failed import may leave half a package behind (and C
+        # extensions cannot be loaded twice, so it cannot be undone): fresh interpreters then.
+        if (threads or failed) and self.worker_start == "fork" and self.inherited is None:
             self.worker_start = "spawn"
         self._send(Preloaded(modules, failed, threads, time.monotonic() - started))
 
