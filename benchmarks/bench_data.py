@@ -1,6 +1,6 @@
 """Data at scale through the pool, against the stdlib, loky, joblib and the memory-copy limit.
 
-    python benchmarks/bench_data.py [--quick]
+    python benchmarks/bench_data.py [--quick] [arrays|streaming|leaving|imports ...]
 
 Every contender gets fresh arrays on every call (joblib reuses its memory-mapped file when
 handed the same arrays again, which would measure a cache). Goals (issue 13):
@@ -257,8 +257,14 @@ def median_time(fn: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
+BENCHES = {
+    "arrays": bench_arrays,
+    "streaming": bench_streaming,
+    "leaving": bench_leaving,
+    "imports": bench_imports,
+}
+
 if __name__ == "__main__":
-    bench_arrays()
-    bench_streaming()
-    bench_leaving()
-    bench_imports()
+    chosen = [arg for arg in sys.argv[1:] if not arg.startswith("--")] or list(BENCHES)
+    for name in chosen:
+        BENCHES[name]()
