@@ -11,6 +11,7 @@ other process can import; cloudpickle would ship them by reference. We register 
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.machinery
 import io
@@ -47,6 +48,39 @@ def _importable_elsewhere(module: types.ModuleType) -> bool:
     return importlib.machinery.PathFinder.find_spec(top, sys.path) is not None
 
 
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _code_keeping_its_file(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with the code's own file name in it.
+
+    cloudpickle 3.1.3 and later write ``"<dynamic-code>"`` as the file of every function it
+    ships by value (pickles then stay the same wherever the function was defined). Tracebacks
+    in workers would lose the DAG file's path and the source line a PythonOperator shows: the
+    real name goes back in (the file is on the worker's machine: the same one).
+    """
+    constructor, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return constructor, tuple(code.co_filename if arg == _DYNAMIC_CODE else arg for arg in args)
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, keeping the file names of the code it ships (see above)."""
+
+    dispatch_table = collections.ChainMap(
+        {types.CodeType: _code_keeping_its_file}, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps`` with :class:`Pickler` (protocol 5)."""
+    with io.BytesIO() as file:
+        Pickler(file, protocol=5).dump(obj)
+        return file.getvalue()
+
+
 _modules_seen = 0  # len(sys.modules) at the last scan for DAG-file modules
 
 
@@ -77,7 +111,7 @@ def dumps(
     what: str,
     item: int | None = None,
     buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
-    pickler: Callable[..., cloudpickle.Pickler] = cloudpickle.Pickler,
+    pickler: Callable[..., cloudpickle.Pickler] = Pickler,
 ) -> bytes:
     """cloudpickle ``obj``; raise :class:`SerializationError` naming ``what``, ``item`` and the culprit.
 
@@ -139,7 +173,7 @@ def _describe_unpicklable(obj: Any, depth: int = 0) -> str:
     parts = _parts(obj) if depth <= 4 else None
     for label, part in parts or ():
         try:
-            cloudpickle.dumps(part)
+            cloudpickle_dumps(part)
         except (Exception, SystemExit):
             inner = _describe_unpicklable(part, depth + 1)
             if isinstance(obj, types.FunctionType):
@@ -154,7 +188,7 @@ def capture_exception(exc: BaseException) -> dict[str, Any]:
     """What crosses back from a worker: the exception pickled if possible, plus its text."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc, protocol=5)
+        pickled: bytes | None = cloudpickle_dumps(exc)
     except (Exception, SystemExit):
         pickled = None
     return {"type": _type_name(exc), "message": str(exc), "traceback": tb, "pickled": pickled}

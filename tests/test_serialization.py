@@ -101,3 +101,14 @@ def test_a_closure_from_an_importable_module_does_not_hide_that_module_from_its_
     with SafeProcessPoolExecutor(1) as pool:
         assert list(pool.map(shipping.make_adder(1), [1, 2])) == [2, 3]
         assert list(pool.map(shipping.triple, [1, 2])) == [3, 6]
+
+
+def test_functions_shipped_by_value_keep_their_file_for_tracebacks():
+    """cloudpickle 3.1.3+ names every shipped function's file "<dynamic-code>"; ours keep the real one."""
+
+    def local(x):
+        return x
+
+    rebuilt = loads(dumps(local, what="callable"))
+    assert rebuilt.__code__.co_filename == __file__
+    assert rebuilt(3) == 3

@@ -37,7 +37,7 @@ from typing import Any
 import cloudpickle
 
 from airflow_provider_safeproc.pool.protocol import Layout
-from airflow_provider_safeproc.serialization import dumps
+from airflow_provider_safeproc.serialization import Pickler, dumps
 
 __all__ = [
     "MIN_SHARED_BYTES",
@@ -98,7 +98,7 @@ class BufferCollector:
         return shared
 
 
-class _Referring(cloudpickle.Pickler):  # type: ignore[misc]
+class _Referring(Pickler):
     """Refers to large buffers by their region; an object met twice goes once."""
 
     def __init__(self, file: Any, *, buffers: list[memoryview], **kwargs: Any) -> None:

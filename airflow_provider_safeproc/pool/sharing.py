@@ -19,13 +19,12 @@ between processes through inheritance"), with a pointer to ``initargs`` or a ``M
 
 from __future__ import annotations
 
+import collections
 import io
 from typing import Any
 
-import cloudpickle
-
 from airflow_provider_safeproc.errors import ConfigurationError
-from airflow_provider_safeproc.serialization import dumps
+from airflow_provider_safeproc.serialization import Pickler, dumps
 
 __all__ = ["find_shared_fds", "pickle_for_workers"]
 
@@ -64,8 +63,8 @@ def _pickler_class(*, find_only: bool) -> type[Any]:
     for lock_type in locks:  # fork: only the descriptors matter, semaphores are inherited as they are
         reducers[lock_type] = (lambda _lock: (type(None), ())) if find_only else _named_semaphore
 
-    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-        dispatch_table = {**cloudpickle.Pickler.dispatch_table, **reducers}
+    class _Pickler(Pickler):
+        dispatch_table = collections.ChainMap(reducers, Pickler.dispatch_table)
 
     return _Pickler
 
