@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_safeproc import _compat
@@ -227,6 +228,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
     ) -> tuple[list[Any], list[tuple[int, BaseException]]]:
         results: list[Any] = [None] * len(items)
         failures: list[tuple[int, BaseException]] = []
+        cancelled: list[tuple[int, BaseException]] = []
         stop_on_error = self.on_item_error == "fail"
         outcomes = pool.map_outcomes(
             per_item, items, chunksize=self.chunksize, retries=self.item_retries, stop_on_error=stop_on_error
@@ -237,6 +239,11 @@ class ParallelPythonOperator(_compat.BaseOperator):
                 continue
             error = outcome.error
             assert error is not None
+            if stop_on_error and isinstance(error, CancelledError):
+                # Not run because a later item failed first (outcomes come in input order): that
+                # failure is the one to report, further on.
+                cancelled.append((outcome.index, error))
+                continue
             failures.append((outcome.index, error))
             cause = getattr(error, "__cause__", None)
             self.log.error(
@@ -249,6 +256,8 @@ class ParallelPythonOperator(_compat.BaseOperator):
             )
             if stop_on_error:
                 break
+        if not failures and cancelled:  # only cancellations (the pool was stopped): those then
+            failures.append(cancelled[0])
         return results, failures
 
     def _items(self) -> list[Any]:
