@@ -184,6 +184,37 @@ def test_item_errors_fail_and_continue(airflow_dags, task_logs):
     assert re.search(r'File "/[^"]+\.py", line \d+, in fragile\n +raise ValueError\(f"bad item \{x\}"\)', out)
 
 
+FIRST_FAILURE_DAG = (
+    HEADER
+    + """
+import time
+
+def slow_then_fail_on_3(x):
+    if x < 3:
+        time.sleep(0.5)  # items 1 and 2 wait behind item 0, in the same chunk
+    if x == 3:
+        raise ValueError("item 3 is bad")
+    return x
+
+with DAG("pp_first_failure", schedule=None, start_date=START, catchup=False):
+    ParallelPythonOperator(task_id="fail_fast", python_callable=slow_then_fail_on_3, iterable=list(range(6)),
+                           chunksize=3, max_workers=2)
+"""
+)
+
+
+def test_the_failure_reported_is_the_item_that_failed_not_one_cancelled_because_of_it(
+    airflow_dags, task_logs
+):
+    """Items 1 and 2 never start (item 3 failed first, on the other worker): they are cancelled,
+    and the task names item 3 and its ValueError, not a CancelledError of item 1."""
+    result = airflow_dags.run(FIRST_FAILURE_DAG, "pp_first_failure")
+    result.assert_tasks({"fail_fast": "failed"})
+    out = task_logs()
+    assert "item 3 failed: ValueError: item 3 is bad" in out
+    assert "CancelledError" not in out
+
+
 LOG_DAG = (
     HEADER
     + """
