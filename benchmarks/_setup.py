@@ -7,9 +7,26 @@ airflow) first on PATH, and the repository importable when a script is run from 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+QUICK = "--quick" in sys.argv
+REPEATS = 3 if QUICK else 5
+
+
+def median_time(fn: Callable[[], Any], repeats: int = REPEATS) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (the machine is shared and noisy)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def scratch(prefix: str) -> Path:

@@ -35,11 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from _setup import QUICK, REPEATS, median_time  # noqa: E402
 
 from airflow_provider_safeproc import SafeProcessPoolExecutor  # noqa: E402
 
-QUICK = "--quick" in sys.argv
-REPEATS = 3 if QUICK else 5
 ARRAYS, ARRAY_BYTES = 32, 8 << 20
 MiB = 1 << 20
 
@@ -246,15 +245,6 @@ def bench_imports() -> None:
         f"  the same, each worker importing it:      {each:.2f} s  (+{each - plain:.2f} s ="
         f" {(each - plain) / one_import:.2f}x one import)"
     )
-
-
-def median_time(fn: Callable[[], Any]) -> float:
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 BENCHES = {

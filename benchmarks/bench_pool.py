@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _setup import QUICK, REPEATS, median_time  # noqa: E402
+
 from airflow_provider_safeproc import SafeProcessPoolExecutor  # noqa: E402
 
-QUICK = "--quick" in sys.argv
-REPEATS = 3 if QUICK else 5
 CPU_ITEMS = 100 if QUICK else 200
 TINY_ITEMS = 100_000
 
@@ -66,15 +66,6 @@ os.environ["SAFEPROC_BENCH_LOOPS_PER_MS"] = str(_LOOPS_PER_MS)  # same work in e
 
 def tiny(x: int) -> int:
     return x + 1
-
-
-def median_time(fn, repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 # --- 1. CPU-bound map ------------------------------------------------------------------------
