@@ -8,6 +8,8 @@
 #   make docs                       the documentation site, warnings as errors, in docs/_build/html
 #   make e2e                        real deployments: Redis + CeleryExecutor, LocalExecutor
 #   make e2e-airflow2               a real Airflow 2.11 LocalExecutor deployment on PostgreSQL
+#   make soak SAFEPROC_SOAK=50      the containment kill cases (tests/containment) 50 times each,
+#                                   then survivors and time to zero per case
 #   make demo                       run the example gallery in real Airflow, print a table
 #   make lint / make lock / make bench
 
@@ -36,7 +38,7 @@ PYTEST_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: install test test-airflow2 e2e e2e-airflow2 demo docs lint bench lock clean
+.PHONY: install test test-airflow2 e2e e2e-airflow2 soak demo docs lint bench lock clean
 
 $(UV): requirements/uv.txt
 	python3 -m venv $(TOOLS)
@@ -65,6 +67,15 @@ e2e: install
 
 e2e-airflow2:
 	$(MAKE) e2e AIRFLOW=$(AIRFLOW2)
+
+SAFEPROC_SOAK ?= 20
+SOAK_REPORT := .soak/report.jsonl
+
+soak: install
+	rm -rf .soak && mkdir -p .soak
+	SAFEPROC_SOAK=$(SAFEPROC_SOAK) SAFEPROC_SOAK_REPORT=$(SOAK_REPORT) \
+		$(PY) -m pytest -q tests/containment -m "not e2e" $(PYTEST_ARGS); \
+		status=$$?; $(PY) scripts/soak_report.py $(SOAK_REPORT); exit $$status
 
 demo: install
 	$(PY) scripts/demo.py

@@ -40,6 +40,7 @@ __all__ = [
     "set_child_subreaper",
     "set_parent_death_signal",
     "signal_process",
+    "tree_of",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -113,6 +114,19 @@ def _tree(roots: Iterable[int], include_roots: bool) -> list[int]:
                     seen.add(child)
                     order.append(child)
                     queue.append(child)
+    return order
+
+
+def tree_of(pid: int) -> list[tuple[int, int]]:
+    """``(pid, parent pid)`` of every live descendant of ``pid``, parents before their children."""
+    children = _children_by_parent()
+    order: list[tuple[int, int]] = []
+    queue = [pid]
+    while queue:
+        parent = queue.pop(0)
+        for child in children.get(parent, ()):
+            order.append((child, parent))
+            queue.append(child)
     return order
 
 

@@ -47,6 +47,15 @@ _INT = struct.Struct("i")
 _SMALL_BLOB = 64 * 1024
 
 
+def drain(fd: int) -> None:
+    """Read a non-blocking descriptor until it is empty: a wake-up pipe, after it woke us."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def encode_frame(meta: Any, blob: bytes = b"") -> bytes:
     """Header and meta (and the blob when it is small: one write, one copy that is cheap)."""
     head = _dumps(meta, protocol=5)

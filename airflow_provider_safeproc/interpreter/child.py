@@ -8,9 +8,10 @@ by path, under private names.
 
 The process splits in two right after reading its payload, while it is still single-threaded:
 
-- the *overseer* (the process the parent started) becomes a child subreaper and watches the
+- the *overseer* (the process the parent started, in a session of its own so that a SIGKILL
+  to the task's process group cannot take it along) becomes a child subreaper and watches the
   lifeline socket. End of file there means the parent died (even by SIGKILL) or asked for a
-  kill; SIGTERM/SIGINT mean the same (Airflow's supervisor signals the task's process group).
+  kill; SIGTERM/SIGINT sent to it mean the same.
   It then ends every descendant, TERM then KILL: orphans reparent to it, so none escapes.
   When the runner ends on its own, it ends whatever the runner left running, sends the
   runner's exit status over the lifeline and exits.

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from airflow_provider_safeproc import serialization
 from airflow_provider_safeproc._after_fork import forget_in_forked_child
+from airflow_provider_safeproc.containment import end_tagged_processes, tag_environment
 from airflow_provider_safeproc.errors import (
     InterpreterDiedError,
     InterpreterTimeoutError,
@@ -66,6 +67,10 @@ class InterpreterHandle(Generic[_R]):
         out_r = out_w = None
         if log is not None:
             out_r, out_w = os.pipe()
+        # Every process of this interpreter's tree carries the token (unless it drops its
+        # environment): the last resort if its overseer is SIGKILLed and orphans go to init.
+        self._token = os.urandom(8).hex()
+        env = {**(os.environ if env is None else env), **tag_environment(self._token)}
         try:
             self._proc = subprocess.Popen(
                 [target.executable, _CHILD_SCRIPT, str(child_end.fileno()), str(result_w)],
@@ -74,6 +79,9 @@ class InterpreterHandle(Generic[_R]):
                 stderr=subprocess.STDOUT if out_w is not None else None,
                 pass_fds=(child_end.fileno(), result_w),
                 close_fds=True,
+                # Out of the task's process group: a group SIGKILL (how Airflow ends a task)
+                # must not take the overseer along with the task, or nothing ends the tree.
+                start_new_session=True,
                 env=env,
                 cwd=cwd,
             )
@@ -182,6 +190,8 @@ class InterpreterHandle(Generic[_R]):
                     reap_process_tree(self.pid, grace=0)
                     self._proc.wait()
         finally:
+            if channels.status is None:  # the overseer did not end the tree: it was killed
+                end_tagged_processes(self._token)
             for fd in (channels.result_fd, channels.output_fd):
                 if fd is not None:
                     os.close(fd)

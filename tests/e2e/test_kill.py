@@ -1,7 +1,7 @@
 """Marking a running task failed leaves no process of that task behind (within 10 s).
 
 The busy-pool control DAG (``tests/e2e/dags/e2e_control_busy_pool.py``) starts a pool whose
-items each start a sleeping grandchild and sleep. While they run, the test marks the task
+items each start two sleeping grandchildren (one in a session of its own) and sleep. While they run, the test marks the task
 instance failed through the REST API, as a user does in the UI. The supervisor learns it at its
 next heartbeat (every 5 s by default) and signals the task runner's process group; what the pool
 does then decides whether anything survives. "Processes of the task" are counted, not assumed:

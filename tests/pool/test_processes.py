@@ -147,7 +147,9 @@ def test_fork_with_threads_warns_naming_them():
 # --- what a worker looks like ------------------------------------------------------------
 
 
-def test_workers_reset_signals_keep_the_process_group_and_hold_no_inherited_fd(tmp_path):
+def test_workers_reset_signals_leave_the_task_session_and_hold_no_inherited_fd(tmp_path):
+    """Workers are out of the task's process group and session (under the pool's keeper), so
+    a group SIGKILL of the task cannot take the helper with it (see containment)."""
     inherited = tmp_path / "task-socket-stand-in"
     fd = os.open(inherited, os.O_CREAT | os.O_WRONLY)
     os.set_inheritable(fd, True)
@@ -165,6 +167,7 @@ def test_workers_reset_signals_keep_the_process_group_and_hold_no_inherited_fd(t
                 "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
                 "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_DFL,
                 "pgid": os.getpgid(0),
+                "sid": os.getsid(0),
                 "fds": targets,
             }
 
@@ -173,7 +176,8 @@ def test_workers_reset_signals_keep_the_process_group_and_hold_no_inherited_fd(t
                 got = pool.submit(facts).result(timeout=30)
             assert got["sigterm"], method
             assert got["sigint"], method
-            assert got["pgid"] == os.getpgid(0), method
+            assert got["pgid"] != os.getpgid(0), method
+            assert got["sid"] != os.getsid(0), method
             assert str(inherited) not in got["fds"], method
             # Inherited descriptors are pointed at /dev/null (never closed: see process_setup).
             assert len([t for t in got["fds"] if t != "/dev/null"]) <= 7, (method, got["fds"])

@@ -27,6 +27,7 @@ import traceback
 import weakref
 from typing import Any, ClassVar
 
+from airflow_provider_safeproc.containment import tag_environment
 from airflow_provider_safeproc.errors import BrokenPoolError, describe_exit
 from airflow_provider_safeproc.pool.billiard import helper
 from airflow_provider_safeproc.pool.billiard import messages as m
@@ -46,7 +47,7 @@ from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process
 from airflow_provider_safeproc.serialization import rebuild_exception
-from airflow_provider_safeproc.streams import FrameBuffer, frame_parts, send_frame
+from airflow_provider_safeproc.streams import FrameBuffer, drain, frame_parts, send_frame
 
 _QUIT_GRACE = 1.0
 _READ_SIZE = 1 << 20
@@ -167,7 +168,7 @@ class BilliardEngine(Engine):
                         selector.modify(self.sock, events, "helper")
                 for key, events in selector.select(self.timeouts.next_wake(self.workers.values())):
                     if key.data == "wake":
-                        _drain(self.wake_r)
+                        drain(self.wake_r)
                         continue
                     if events & selectors.EVENT_WRITE:
                         self._flush()
@@ -197,6 +198,8 @@ class BilliardEngine(Engine):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                start_new_session=True,  # out of the task's group: see containment
+                env={**os.environ, **tag_environment(os.urandom(8).hex())},
             )
         finally:
             theirs.close()
@@ -387,14 +390,6 @@ class BilliardEngine(Engine):
             worker.status.close()
         self.workers.clear()
         self.pids = ()
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def _close_fds(*fds: int) -> None:

@@ -36,11 +36,12 @@ import billiard
 from billiard.pool import READY
 from billiard.reduction import ForkingPickler
 
+from airflow_provider_safeproc.containment import Kept, end_what_a_worker_left, keep
 from airflow_provider_safeproc.pool.billiard import messages as m
 from airflow_provider_safeproc.pool.billiard.task import OURS, run_task
 from airflow_provider_safeproc.pool.billiard.workerpool import PerWorkerPool, WorkerPipes
 from airflow_provider_safeproc.reaper import end_process_tree, set_child_subreaper, set_parent_death_signal
-from airflow_provider_safeproc.streams import FrameBuffer, LineSplitter, send_frame
+from airflow_provider_safeproc.streams import FrameBuffer, LineSplitter, drain, send_frame
 
 _LENGTH = struct.Struct("!i")  # billiard's Connection: a signed big-endian length, then the bytes
 _PARENT_CHECK = 0.5
@@ -51,9 +52,10 @@ def main(ctrl_fd: int, parent_pid: int) -> NoReturn:
     set_parent_death_signal(signal.SIGTERM)  # Linux: the engine's thread started us
     if os.getppid() != parent_pid:
         os._exit(1)
+    kept = keep(parent_pid, grace=1.0)  # this process stays as the keeper; we go on in its child
     code = 0
     ctrl = socket.socket(fileno=ctrl_fd)
-    helper = _Helper(ctrl, parent_pid)
+    helper = _Helper(ctrl, kept)
     try:
         helper.run()
     except BaseException:
@@ -70,9 +72,10 @@ def main(ctrl_fd: int, parent_pid: int) -> NoReturn:
 
 
 class _Helper:
-    def __init__(self, ctrl: socket.socket, parent_pid: int) -> None:
+    def __init__(self, ctrl: socket.socket, kept: Kept) -> None:
         self.ctrl = ctrl
-        self.parent_pid = parent_pid
+        self.parent_pid = kept.keeper_pid  # if the keeper goes, we end everything and go
+        self.kept = kept
         self.frames = FrameBuffer()
         self.selector = selectors.DefaultSelector()
         self.lines: dict[int, LineSplitter] = {}
@@ -80,6 +83,7 @@ class _Helper:
         self.pool: PerWorkerPool | None = None
         self.early: list[tuple[Any, bytes]] = []
         self.status_dir: str | None = None
+        self.emptied_groups: list[str] = []  # dead workers' cgroups, to remove once empty
 
     def run(self) -> None:
         set_child_subreaper()  # Linux: what a worker leaves behind stays findable
@@ -103,6 +107,7 @@ class _Helper:
             status_dir=status_dir,
             on_worker_started=self._worker_started,
             shared_fds=config.worker.shared_fds,
+            cgroup=self.kept.cgroup,
         )
         self._send(m.HelperReady(os.getpid()))
         self._handle_engine_frames(self.early)
@@ -112,7 +117,7 @@ class _Helper:
                 if kind == "engine":
                     self._read_engine()
                 elif kind == "wake":
-                    _drain(wake_r)
+                    drain(wake_r)
                 elif kind == "worker":
                     self._read_worker(pipes)
                 elif kind == "output":
@@ -271,12 +276,25 @@ class _Helper:
                     self._unregister(pipes.output_fd)
             self.lines.pop(pid, None)
             self._send(m.WorkerDown(pid, pool.exit_codes.pop(pid, None)))
+            if self.quitting is None:
+                self._end_what_it_left(pipes)
             task = pool.forget(pid)
             if task is not None:
                 pool.backlog.appendleft(task)
         if gone:
             pool.settle_exits()
             pool.dispatch()
+
+    def _end_what_it_left(self, pipes: WorkerPipes) -> None:
+        """What a dead worker's items started dies with it, now (see containment)."""
+        cgroup = self.kept.cgroup
+        if pipes.cgroup is not None and cgroup is not None and cgroup.kill(pipes.cgroup):
+            self.emptied_groups.append(pipes.cgroup)  # every process it started, whatever it did
+        elif self.kept.token is not None:
+            assert self.pool is not None
+            end_what_a_worker_left(pipes.pid, self.kept.token, keep=set(self.pool.pipes) - {pipes.pid})
+        if cgroup is not None:  # removed once empty: a moment after the kill
+            self.emptied_groups = [g for g in self.emptied_groups if not cgroup.remove_empty(g)]
 
     # --- the end -------------------------------------------------------------------------------
     def _quit(self, grace: float) -> None:
@@ -300,12 +318,3 @@ class _Helper:
             return False
         alive = [w for w in pool._pool if w._popen is not None and w._popen.poll() is None]
         return not (alive and time.monotonic() < self.quitting)
-
-
-def _drain(fd: int) -> None:
-    while True:
-        try:
-            if not os.read(fd, 512):
-                return
-        except BlockingIOError:
-            return

@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any, NamedTuple
 
+from airflow_provider_safeproc.containment import join_cgroup, stamp_worker_tag
 from airflow_provider_safeproc.pool.process_setup import neutralize_other_fds, set_std_fds
 from airflow_provider_safeproc.pool.protocol import RunChunk, StatusSlot, WorkerConfig
 from airflow_provider_safeproc.pool.worker_loop import WorkerLoop
@@ -59,6 +60,7 @@ class WorkerStart(NamedTuple):
     output: Any  # a billiard Connection: the write end of the worker's fd 1/2 pipe
     helper_pid: int
     shared: tuple[SharedFd, ...] = ()
+    cgroup: str | None = None  # the worker's own cgroup, where the pool has one
 
 
 def start_worker(worker: Any, start: WorkerStart) -> None:
@@ -67,6 +69,9 @@ def start_worker(worker: Any, start: WorkerStart) -> None:
     set_parent_death_signal(SIGKILL)  # forked on the helper's only thread: it fires with the helper
     if os.getppid() != start.helper_pid:
         os._exit(1)
+    if start.cgroup is not None:
+        join_cgroup(start.cgroup)  # before anything of the user's runs here
+    stamp_worker_tag()
     out_fd = start.output.fileno()
     set_std_fds(out_fd, out_fd)
     start.output.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from billiard.connection import Connection
 from billiard.pool import Pool, Worker
 from billiard.queues import _SimpleQueue
 
+from airflow_provider_safeproc.containment import PoolCgroup
 from airflow_provider_safeproc.pool.billiard.task import SharedFd, WorkerStart, start_worker
 from airflow_provider_safeproc.pool.process_setup import flush_multiprocessing_queues
 from airflow_provider_safeproc.pool.protocol import new_status_file
@@ -69,8 +71,11 @@ class _NoCounter:
 class WorkerPipes:
     """The helper's ends of one worker's pipes, and what is routed to it."""
 
-    def __init__(self, pid: int, inq: Any, outq: Any, output_fd: int, status_path: str) -> None:
+    def __init__(
+        self, pid: int, inq: Any, outq: Any, output_fd: int, status_path: str, cgroup: str | None
+    ) -> None:
         self.pid = pid
+        self.cgroup = cgroup  # the worker's own cgroup, where the pool has one
         self.inq = inq  # tasks to the worker: the helper writes
         self.outq = outq  # ACK, READY, DEATH and our messages: the helper reads
         self.output_fd: int | None = output_fd  # the worker's fd 1 and 2
@@ -95,7 +100,10 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
         status_dir: str,
         on_worker_started: Callable[[WorkerPipes], None],
         shared_fds: tuple[int, ...] = (),
+        cgroup: PoolCgroup | None = None,
     ) -> None:
+        self._cgroup = cgroup
+        self._worker_count = itertools.count(1)
         self.pipes: dict[int, WorkerPipes] = {}
         self.exit_codes: dict[int, int] = {}  # of workers that ended, until the engine is told
         self._shared_fds = shared_fds
@@ -126,12 +134,16 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
         inq, outq, synq = self.get_process_queues()
         out_r, out_w = os.pipe()
         status_path = new_status_file(self._status_dir)
+        group = (
+            self._cgroup.worker_group(f"w{next(self._worker_count)}") if self._cgroup is not None else None
+        )
         start = WorkerStart(
             self._config_bytes,
             status_path,
             Connection(out_w, readable=False),
             os.getpid(),
             tuple(SharedFd(fd) for fd in self._shared_fds),
+            group,
         )
         worker = self.WorkerProcess(
             self.Worker(
@@ -166,7 +178,7 @@ class PerWorkerPool(Pool):  # type: ignore[misc]
         os.set_blocking(out_r, False)
         self._poolctrl[worker.pid] = None
         self._on_ready_counters[worker.pid] = _NoCounter()
-        pipes = self.pipes[worker.pid] = WorkerPipes(worker.pid, inq, outq, out_r, status_path)
+        pipes = self.pipes[worker.pid] = WorkerPipes(worker.pid, inq, outq, out_r, status_path, group)
         self._on_worker_started(pipes)
         self.dispatch()
         return worker

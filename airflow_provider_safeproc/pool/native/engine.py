@@ -45,7 +45,7 @@ from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
 from airflow_provider_safeproc.reaper import kill_process_tree_now
 from airflow_provider_safeproc.serialization import rebuild_exception
-from airflow_provider_safeproc.streams import recv_with_fds, send_frame
+from airflow_provider_safeproc.streams import drain, recv_with_fds, send_frame
 
 _READ_SIZE = 1 << 20
 _QUIT_GRACE = 1.0
@@ -271,7 +271,7 @@ class NativeEngine(Engine):
         for key, _ in self.selector.select(timeout):
             kind, worker = key.data
             if kind == "wake":
-                _drain(self.wake_r)
+                drain(self.wake_r)
             elif kind == "guardian":
                 self._read_guardian()
             elif kind == "guardian_err":
@@ -365,11 +365,3 @@ class NativeEngine(Engine):
             self.output.from_guardian(final=True)
         self.guardian.close()
         self.selector.close()
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
+from airflow_provider_safeproc.containment import Kept, end_what_a_worker_left, keep
 from airflow_provider_safeproc.pool.native import worker
 from airflow_provider_safeproc.pool.native.control import (
     FromGuardian,
@@ -60,6 +61,7 @@ from airflow_provider_safeproc.reaper import (
     set_child_subreaper,
     set_parent_death_signal,
 )
+from airflow_provider_safeproc.streams import drain
 
 _PARENT_CHECK_INTERVAL_MS = 500
 _STOP_GRACE = 1.0
@@ -74,13 +76,17 @@ class _Stop(Exception):
 
 
 def main(ctrl_fd: int, config_fd: int, parent_pid: int, worker_start: str) -> NoReturn:
-    """Entry point of the guardian exec'd as a fresh interpreter (forkserver and spawn)."""
+    """Entry point of the guardian exec'd as a fresh interpreter (forkserver and spawn).
+
+    The process the pool started becomes the keeper (see :mod:`~airflow_provider_safeproc.containment`);
+    the guardian goes on in its child.
+    """
     # The pool's dispatcher thread started us and lives as long as the pool: the death signal
     # fires when that thread ends, which is exactly when we must go.
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent_pid:
         os._exit(1)
-    _run(ctrl_fd, config_fd, parent_pid, worker_start)
+    _run(ctrl_fd, config_fd, keep(parent_pid, grace=_STOP_GRACE), worker_start)
 
 
 def run_forked(
@@ -91,24 +97,26 @@ def run_forked(
     shared_fds: tuple[int, ...],
     inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None,
 ) -> NoReturn:
-    """Entry point in a guardian forked from the pool's process (``start_method="fork"``).
+    """Entry point in a keeper forked from the pool's process (``start_method="fork"``), in a
+    session of its own; the guardian goes on in its child.
 
     ``inherited``: the initializer and its args, as objects (the workers are forks of us).
     """
     try:
         reset_signals(every_handler=True)
+        kept = keep(parent_pid, grace=_STOP_GRACE)
         set_std_fds(None, err_fd)
         neutralize_other_fds({0, 1, 2, ctrl_fd, config_fd, *shared_fds})
         sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as we do
     except BaseException:
         os._exit(1)
-    _run(ctrl_fd, config_fd, parent_pid, "fork", inherited)
+    _run(ctrl_fd, config_fd, kept, "fork", inherited)
 
 
 def _run(
     ctrl_fd: int,
     config_fd: int,
-    parent_pid: int,
+    kept: Kept,
     worker_start: str,
     inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
 ) -> NoReturn:
@@ -123,7 +131,7 @@ def _run(
         os.environ.update(config.environment)  # what workers get, for what is preloaded here too
         for fd in config.shared_fds:
             os.set_inheritable(fd, True)  # spawned workers get them at the same numbers
-        _Guardian(ctrl, config_fd, config_bytes, parent_pid, worker_start, inherited).serve()
+        _Guardian(ctrl, config_fd, config_bytes, kept, worker_start, inherited).serve()
     except BaseException:  # report, then end the tree anyway
         code = 70
         traceback.print_exc()
@@ -137,14 +145,18 @@ class _Guardian:
         ctrl: socket.socket,
         config_fd: int,
         config_bytes: bytes,
-        parent_pid: int,
+        kept: Kept,
         worker_start: str,
         inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None,
     ) -> None:
         self.ctrl = ctrl
         self.config_fd = config_fd
         self.config_bytes = config_bytes
-        self.parent_pid = parent_pid
+        self.parent_pid = kept.keeper_pid  # the keeper: if it goes, we end everything and go
+        self.cgroup = kept.cgroup
+        self.token = kept.token
+        self.worker_groups: dict[int, str] = {}  # worker pid -> its cgroup
+        self.emptied_groups: list[str] = []  # dead workers' cgroups, to remove once empty
         self.worker_start = worker_start
         self.inherited = inherited
         self.workers: set[int] = set()
@@ -168,7 +180,7 @@ class _Guardian:
                     raise _Stop(_STOP_GRACE)
                 for fd, _event in events:
                     if fd == wake_r:
-                        _drain(wake_r)
+                        drain(wake_r)
                     else:
                         self._handle_control()
                 self._reap()
@@ -238,8 +250,9 @@ class _Guardian:
             if isinstance(message, Quit):
                 raise _Stop(message.grace, workers_closing=message.idle)
             raise _Stop(_STOP_GRACE)  # end of file: the pool's process is gone
+        group = self.cgroup.worker_group(f"w{message.key}") if self.cgroup is not None else None
         try:
-            pid = self._start_worker(*fds)
+            pid = self._start_worker(group, *fds)
         except Exception:
             self._send(SpawnFailed(message.key, traceback.format_exc()))
             return
@@ -247,16 +260,24 @@ class _Guardian:
             for fd in fds:
                 os.close(fd)
         self.workers.add(pid)
+        if group is not None:
+            self.worker_groups[pid] = group
         self._send(WorkerStarted(message.key, pid))
 
-    def _start_worker(self, sock_fd: int, out_fd: int, status_fd: int) -> int:
+    def _start_worker(self, group: str | None, sock_fd: int, out_fd: int, status_fd: int) -> int:
+        """A new worker, in its own cgroup where there is one (before it runs anything)."""
         if self.worker_start == "spawn":
-            return self._spawn_worker(sock_fd, out_fd, status_fd)
+            pid = self._spawn_worker(sock_fd, out_fd, status_fd)
+            if group is not None and self.cgroup is not None:
+                self.cgroup.join(group, pid)  # it is still starting its interpreter
+            return pid
         me = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 self.ctrl.detach()
+                if group is not None and self.cgroup is not None:
+                    self.cgroup.join(group)
                 worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me, self.inherited)
             finally:
                 os._exit(70)
@@ -286,6 +307,17 @@ class _Guardian:
             self.workers.discard(pid)
             if not self.stopping:
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
+                self._end_what_it_left(pid)
+
+    def _end_what_it_left(self, pid: int) -> None:
+        """What a dead worker's items started dies with it, now (see containment)."""
+        group = self.worker_groups.pop(pid, None)
+        if group is not None and self.cgroup is not None and self.cgroup.kill(group):
+            self.emptied_groups.append(group)  # every process it started, whatever it did
+        elif self.token is not None:
+            end_what_a_worker_left(pid, self.token, keep=self.workers)
+        if self.cgroup is not None:  # removed once empty: a moment after the kill
+            self.emptied_groups = [g for g in self.emptied_groups if not self.cgroup.remove_empty(g)]
 
     def _end_tree(self, grace: float, *, workers_closing: bool) -> None:
         """TERM every descendant, KILL what is left after ``grace``, reap until none is left."""
@@ -297,12 +329,3 @@ class _Guardian:
                 if self.workers:
                     time.sleep(0.002)
         end_process_tree([os.getpid()], include_roots=False, grace=grace, reap=True, on_reaped=self._reaped)
-
-
-def _drain(fd: int) -> None:
-    while True:
-        try:
-            if not os.read(fd, 512):
-                return
-        except BlockingIOError:
-            return

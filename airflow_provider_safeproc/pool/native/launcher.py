@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+from airflow_provider_safeproc.containment import tag_environment
 from airflow_provider_safeproc.pool.native import guardian
 from airflow_provider_safeproc.pool.native.control import FromGuardian, Preload, Quit, SpawnWorker
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
@@ -62,6 +63,8 @@ class GuardianHandle:
                     stdout=subprocess.DEVNULL,
                     stderr=err_w,
                     close_fds=True,
+                    start_new_session=True,  # out of the task's group: see containment
+                    env={**os.environ, **tag_environment(os.urandom(8).hex())},
                 )
                 self.pid = self._popen.pid
         except BaseException:
@@ -85,6 +88,7 @@ class GuardianHandle:
             pid = os.fork()
         if pid == 0:
             try:
+                os.setsid()  # out of the task's group: see containment
                 guardian.run_forked(ctrl_fd, config_fd, err_fd, parent_pid, self.shared_fds, self.inherited)
             finally:
                 os._exit(70)

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from airflow_provider_safeproc.containment import stamp_worker_tag
 from airflow_provider_safeproc.pool.process_setup import (
     flush_multiprocessing_queues,
     neutralize_other_fds,
@@ -51,6 +52,7 @@ def serve_forked(
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != guardian_pid:
         os._exit(1)
+    stamp_worker_tag()
     set_std_fds(out_fd, out_fd)
     config: WorkerConfig = pickle.loads(config_bytes)
     neutralize_other_fds({0, 1, 2, sock_fd, status_fd, *config.shared_fds})
@@ -62,6 +64,7 @@ def spawn_main(guardian_pid: int, sock_fd: int, status_fd: int, config_fd: int) 
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != guardian_pid:
         os._exit(1)
+    stamp_worker_tag()
     reset_signals()
     for fd in (sock_fd, status_fd, config_fd):
         os.set_inheritable(fd, False)

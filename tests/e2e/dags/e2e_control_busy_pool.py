@@ -1,7 +1,7 @@
 """Control DAG for the kill test: a task whose process pool stays busy until it is stopped.
 
-Each item records its pid, starts a sleeping grandchild that carries the run's tag in its
-environment, and sleeps. The test marks the running task failed through the REST API and
+Each item records its pid, starts two sleeping grandchildren that carry the run's tag in
+their environment (one in a session of its own), and sleeps. The test marks the running task failed through the REST API and
 counts, by those records, the tag and the task runner's descendants, what is still alive.
 
 Switching to the package's operator is the one line ``POOL = "safeproc"``: the items are the
@@ -50,6 +50,12 @@ def busy_item(item: int, tag: str) -> int:
         env={**os.environ, TAG_VAR: tag},
     )
     _record(tag, "grandchild", sleeper.pid)
+    detached = subprocess.Popen(  # left the task's session: a group kill cannot reach it
+        [sys.executable, "-c", f"import time; time.sleep({SLEEP_S})"],
+        env={**os.environ, TAG_VAR: tag},
+        start_new_session=True,
+    )
+    _record(tag, "grandchild", detached.pid)
     time.sleep(SLEEP_S)
     return item
 
