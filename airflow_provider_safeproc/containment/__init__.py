@@ -22,6 +22,10 @@ Four ways a pool's processes used to leak, and what ends them now:
    (``cgroup.kill``) where the task may create cgroups, else by its tag, an environment entry
    every worker writes over a placeholder and every process it starts inherits.
 
+And if K itself is SIGKILLed, H hears of it (a parent-death signal) and ends its own tree;
+the task process, seeing the pool's helper gone uncleanly, ends whatever still carries the
+pool's token (:func:`end_tagged_processes`, also the interpreter's last resort).
+
 K's targets are its descendants (the kernel keeps that list), members of the cgroups it made,
 and processes carrying its own random token: never a process the pool did not start. K holds
 no descriptor of T's (no control socket, no Airflow log socket), so the pool and Airflow see

@@ -204,6 +204,20 @@ def test_helper_sigkill_fails_the_map_and_leaves_nothing(
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("kind", ["native-forkserver", "billiard"])
+def test_keeper_sigkill_fails_the_map_and_leaves_nothing(
+    kind: str, level: str, tmp_path: Path, soak_round: int
+) -> None:
+    """The keeper itself SIGKILLed (it watches, so someone may aim at it): the helper ends its
+    tree, and the task process ends whatever carries the pool's tag."""
+    with Run(kind, "keeper", level, tmp_path) as run:
+        doomed = [pid for pid in run.tagged() if pid != run.proc.pid]
+        os.kill(psutil.Process(_helper_of(run)).ppid(), signal.SIGKILL)
+        run.wait_for_zero(doomed, time.monotonic())
+        assert run.outcome() == "OUTCOME 0 BrokenPoolError"
+
+
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("kind", POOLS)
 def test_worker_sigkill_ends_what_its_item_started_and_spares_the_other(
     kind: str, level: str, tmp_path: Path, soak_round: int

@@ -27,7 +27,7 @@ import traceback
 import weakref
 from typing import Any, ClassVar
 
-from airflow_provider_safeproc.containment import tag_environment
+from airflow_provider_safeproc.containment import end_tagged_processes, tag_environment
 from airflow_provider_safeproc.errors import BrokenPoolError, describe_exit
 from airflow_provider_safeproc.pool.billiard import helper
 from airflow_provider_safeproc.pool.billiard import messages as m
@@ -96,6 +96,7 @@ class BilliardEngine(Engine):
         self.in_flight: dict[int, Dispatch] = {}  # seq -> sent to the helper, not Done yet
         self.seq = 0
         self.helper_pid: int | None = None
+        self.token = os.urandom(8).hex()  # every process of the pool carries it (see containment)
         self.sock: socket.socket | None = None
         self.frames = FrameBuffer()
         # Frames for the helper not sent yet: this thread never blocks on a send, because the
@@ -199,7 +200,7 @@ class BilliardEngine(Engine):
                 stderr=subprocess.STDOUT,
                 close_fds=True,
                 start_new_session=True,  # out of the task's group: see containment
-                env={**os.environ, **tag_environment(os.urandom(8).hex())},
+                env={**os.environ, **tag_environment(self.token)},
             )
         finally:
             theirs.close()
@@ -281,7 +282,7 @@ class BilliardEngine(Engine):
         except OSError:
             data = b""
         if not data:
-            code = self._proc.wait() if self._proc is not None else None
+            code = self._wait_helper(None)
             if not self.queue.state.killed:
                 self.queue.state.mark_broken(
                     BrokenPoolError(
@@ -357,6 +358,16 @@ class BilliardEngine(Engine):
         else:
             signal_process(worker.pid, signal.SIGKILL)
 
+    def _wait_helper(self, timeout: float | None) -> int | None:
+        """Reap the helper's keeper; if it did not exit cleanly, it may have been killed before
+        it swept: end what carries the pool's tag (the last resort, see containment)."""
+        if self._proc is None:
+            return None
+        code = self._proc.wait(timeout)
+        if code != 0:
+            end_tagged_processes(self.token)
+        return code
+
     def _teardown(self) -> None:
         state = self.queue.state
         if state.killed:
@@ -379,10 +390,10 @@ class BilliardEngine(Engine):
             except OSError:
                 pass
             try:
-                proc.wait(grace + 5.0)
+                self._wait_helper(grace + 5.0)
             except subprocess.TimeoutExpired:
                 self.kill()
-                proc.wait(5.0)
+                self._wait_helper(5.0)
             self._output_thread.join(2.0)
         if self.sock is not None:
             self.sock.close()

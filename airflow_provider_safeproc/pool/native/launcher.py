@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-from airflow_provider_safeproc.containment import tag_environment
+from airflow_provider_safeproc.containment import end_tagged_processes, tag_environment
 from airflow_provider_safeproc.pool.native import guardian
 from airflow_provider_safeproc.pool.native.control import FromGuardian, Preload, Quit, SpawnWorker
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
@@ -44,6 +44,7 @@ class GuardianHandle:
         self.err_fd: int | None = None  # the guardian's stderr (and a forked guardian's stdout)
         self._popen: subprocess.Popen[bytes] | None = None
         self._exitcode: int | None = None
+        self.token = os.urandom(8).hex()  # every process of the pool carries it (see containment)
 
     def start(self) -> None:
         """Start the guardian; returns once it runs (its ready message comes on :attr:`sock`)."""
@@ -64,7 +65,7 @@ class GuardianHandle:
                     stderr=err_w,
                     close_fds=True,
                     start_new_session=True,  # out of the task's group: see containment
-                    env={**os.environ, **tag_environment(os.urandom(8).hex())},
+                    env={**os.environ, **tag_environment(self.token)},
                 )
                 self.pid = self._popen.pid
         except BaseException:
@@ -157,6 +158,8 @@ class GuardianHandle:
             delay = min(delay * 2, 0.02)
         if self._popen is not None:
             self._popen.returncode = self._exitcode  # reaped here; keep Popen from warning
+        if self._exitcode != 0:  # the keeper may have been killed before it swept: the last resort
+            end_tagged_processes(self.token)
         return self._exitcode
 
     def close(self) -> None:
