@@ -41,6 +41,7 @@ __all__ = [
     "set_parent_death_signal",
     "signal_process",
     "tree_of",
+    "wait_for_child",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -156,6 +157,40 @@ def kill_process_tree_now(roots: Iterable[int], *, include_roots: bool = True) -
     so none escapes by reparenting mid-walk. Zombies are left for their parents to collect.
     """
     _signal_all(reversed(_tree(list(roots), include_roots)), SIGKILL)
+
+
+def wait_for_child(pid: int, timeout: float | None) -> int | None:
+    """Reap the child ``pid`` and return its wait status, or None if it still runs after
+    ``timeout`` seconds (None: wait as long as it takes). Raises ChildProcessError if it is not
+    our child (or was reaped already).
+
+    Wakes the moment the child exits (a pidfd, Linux 5.3+), not at the next tick of a polling
+    loop (``Popen.wait`` sleeps up to 50 ms between looks): a pool's shutdown waits on this.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        delay = 0.0005
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if pidfd is not None:
+                import select  # here: the fresh interpreter's child never waits this way
+
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 2, 0.02)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def collect_children(on_reaped: Callable[[int, int], None] | None) -> None:

@@ -1,7 +1,10 @@
 """cgroup v2 containment, where the task may create cgroups: airtight, and exact per worker.
 
 A pool gets a cgroup beside the task's (a child of the task's own cgroup, named
-``safeproc-<keeper pid>-<token>``) holding its helper, and one child cgroup per worker. No
+``safeproc-<keeper pid>-<token>``), and in it one child cgroup per worker, which the worker
+enters before it runs anything. The keeper moves the helper into the pool's cgroup while the
+helper starts: not needed for containment, but the first move into a cgroup in a while waits
+for a kernel-wide RCU grace period (10-20 ms), and paid there it delays no worker. No
 controller is enabled in them, so the "no internal processes" rule never applies and nothing
 about the host's resource limits changes: they are only a membership the kernel keeps, which
 no ``setsid``, double fork, exec or cleared environment escapes. ``cgroup.kill`` (Linux 5.14+)

@@ -31,7 +31,7 @@ class Kept(NamedTuple):
     """What the helper learns from :func:`keep`."""
 
     keeper_pid: int  # the helper's parent: when it changes, the keeper is gone
-    cgroup: PoolCgroup | None  # the pool's cgroup, the helper already in it; None: not here
+    cgroup: PoolCgroup | None  # the pool's cgroup, for the workers' cgroups; None: not here
     token: str | None  # the pool's tag token; None: workers go untagged (a fork pool)
 
 
@@ -58,8 +58,6 @@ def keep(parent_pid: int, *, grace: float) -> Kept:
             os._exit(1)
         if parent_fd is not None:
             os.close(parent_fd)
-        if cgroup is not None and not cgroup.join():
-            cgroup = None
         return Kept(keeper_pid, cgroup, token)
     _Keeper(parent_pid, parent_fd, helper_pid, grace, cgroup).run()
 
@@ -87,6 +85,12 @@ class _Keeper:
         self.told_at: float | None = None  # when H was told to stop (T gone, or a SIGTERM)
 
     def run(self) -> NoReturn:
+        if self.cgroup is not None:
+            # The helper in the pool's cgroup is not needed (workers enter their own), but
+            # the first move into a cgroup in a while waits for a kernel-wide RCU grace period
+            # (10-20 ms); paid here, beside the helper's start, later moves (the workers',
+            # which the first result waits for) find the way clear.
+            self.cgroup.join(pid=self.helper_pid)
         wake_r = self._hold_nothing_of_the_task()
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll
         signal.signal(signal.SIGTERM, lambda *_: self._tell_helper())

@@ -45,7 +45,7 @@ from airflow_provider_safeproc.pool.protocol import (
 from airflow_provider_safeproc.pool.protocol import wire_positions as _wire_positions
 from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
-from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process
+from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process, wait_for_child
 from airflow_provider_safeproc.serialization import rebuild_exception
 from airflow_provider_safeproc.streams import FrameBuffer, drain, frame_parts, send_frame
 
@@ -361,9 +361,18 @@ class BilliardEngine(Engine):
     def _wait_helper(self, timeout: float | None) -> int | None:
         """Reap the helper's keeper; if it did not exit cleanly, it may have been killed before
         it swept: end what carries the pool's tag (the last resort, see containment)."""
-        if self._proc is None:
+        proc = self._proc
+        if proc is None:
             return None
-        code = self._proc.wait(timeout)
+        if proc.returncode is None:  # Popen.wait would poll, sleeping up to 50 ms between looks
+            try:
+                status = wait_for_child(proc.pid, timeout)
+            except ChildProcessError:
+                status = 255 << 8
+            if status is None:
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0.0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        code = proc.returncode
         if code != 0:
             end_tagged_processes(self.token)
         return code

@@ -290,7 +290,7 @@ class _Helper:
         cgroup = self.kept.cgroup
         if pipes.cgroup is not None and cgroup is not None and cgroup.kill(pipes.cgroup):
             self.emptied_groups.append(pipes.cgroup)  # every process it started, whatever it did
-        elif self.kept.token is not None:
+        if self.kept.token is not None:  # and by tag, should the worker have failed to enter it
             assert self.pool is not None
             end_what_a_worker_left(pipes.pid, self.kept.token, keep=set(self.pool.pipes) - {pipes.pid})
         if cgroup is not None:  # removed once empty: a moment after the kill

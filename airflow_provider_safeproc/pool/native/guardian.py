@@ -314,7 +314,7 @@ class _Guardian:
         group = self.worker_groups.pop(pid, None)
         if group is not None and self.cgroup is not None and self.cgroup.kill(group):
             self.emptied_groups.append(group)  # every process it started, whatever it did
-        elif self.token is not None:
+        if self.token is not None:  # and by tag, should the worker have failed to enter it
             end_what_a_worker_left(pid, self.token, keep=self.workers)
         if self.cgroup is not None:  # removed once empty: a moment after the kill
             self.emptied_groups = [g for g in self.emptied_groups if not self.cgroup.remove_empty(g)]

@@ -14,7 +14,6 @@ import pickle
 import signal
 import socket
 import subprocess
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from airflow_provider_safeproc.pool.native import guardian
 from airflow_provider_safeproc.pool.native.control import FromGuardian, Preload, Quit, SpawnWorker
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
 from airflow_provider_safeproc.pool.protocol import WorkerConfig
+from airflow_provider_safeproc.reaper import wait_for_child
 
 
 class GuardianHandle:
@@ -141,21 +141,14 @@ class GuardianHandle:
         """Reap the guardian; its exit code, or None if it still runs after ``timeout``."""
         if self.pid is None or self._exitcode is not None:
             return self._exitcode
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while True:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self._exitcode = -1
-                break
-            if pid:
-                self._exitcode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() >= deadline:
+        try:
+            status = wait_for_child(self.pid, timeout)
+        except ChildProcessError:
+            self._exitcode = -1
+        else:
+            if status is None:
                 return None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            self._exitcode = os.waitstatus_to_exitcode(status)
         if self._popen is not None:
             self._popen.returncode = self._exitcode  # reaped here; keep Popen from warning
         if self._exitcode != 0:  # the keeper may have been killed before it swept: the last resort
