@@ -26,6 +26,7 @@ takes one as ``context_resolver``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import pickle
@@ -99,7 +100,12 @@ class ContextServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._closed = False
         self._owner = os.getpid()
-        self._thread = threading.Thread(target=self._serve, name="safeproc-task-context", daemon=True)
+        # The resolver runs with the creator's context variables (a new thread starts with
+        # none): Airflow keeps some task state in them.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._serve,), name="safeproc-task-context", daemon=True
+        )
         if start:
             self._thread.start()
 

@@ -7,6 +7,7 @@ and start method. Nothing is stored in the metadata DB: only the channel can ans
 
 from __future__ import annotations
 
+import contextvars
 import importlib.metadata
 import os
 import threading
@@ -185,3 +186,26 @@ def test_a_request_without_the_token_gets_no_answer():
         sock.settimeout(10)
         assert sock.recv(1) == b""  # closed without an answer
     assert resolver.calls == []
+
+
+_CALLER_STATE: contextvars.ContextVar[str] = contextvars.ContextVar("caller_state", default="unset")
+
+
+def resolver_reading_context(kind: str, key: str) -> Any:
+    return _CALLER_STATE.get()
+
+
+def ask_directly(_: object) -> Any:
+    from airflow_provider_safeproc.context_channel import ask_task_process
+
+    return ask_task_process("variable", "anything")
+
+
+def test_the_resolver_sees_the_creators_context_variables():
+    """Airflow keeps task state in context variables; the serving thread runs in a copy of them."""
+    token = _CALLER_STATE.set("the task's")
+    try:
+        with SafeProcessPoolExecutor(1, context_resolver=resolver_reading_context) as pool:
+            assert pool.submit(ask_directly, None).result(timeout=60) == "the task's"
+    finally:
+        _CALLER_STATE.reset(token)
