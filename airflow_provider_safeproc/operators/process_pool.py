@@ -205,19 +205,19 @@ class ProcessPoolOperator(_compat.BaseOperator):
             fn = _with_process_pool(fn, pool_size)
         fn = _without_task_context(fn)
         # The child, and the pools it starts, ask this process for Variables and Connections.
-        context = ContextServer(task_context_resolver(self.log.info))
+        channel = ContextServer(task_context_resolver(self.log.info))
         try:
             handle = start_in_interpreter(
                 fn,
                 *self.op_args,
                 python=python,
-                env=self._environment(context.environment),
+                env=self._environment(channel.environment),
                 timeout=self.timeout,
                 log=self.log.info,
                 **kwargs,
             )
         except BaseException:
-            context.close()
+            channel.close()
             raise
         self._handle = handle
         started = time.monotonic()
@@ -233,7 +233,7 @@ class ProcessPoolOperator(_compat.BaseOperator):
             raise
         finally:
             handle.kill()  # no-op when it already ended; ends everything on any exception
-            context.close()
+            channel.close()
             self._handle = None
             self._report_summary(context, handle.pid, outcome, time.monotonic() - started, pool_size)
 

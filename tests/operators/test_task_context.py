@@ -235,6 +235,7 @@ def test_the_interpreter_and_its_pools_read_variables_and_connections(
     expected = _expected()
     assert result.xcom("process_pool") == expected  # a stdlib pool forked in the interpreter
     assert result.xcom("safe_pool") == expected  # SafeProcessPoolExecutor there, no resolver passed
+    assert result.xcom("main", key="run_summary")["outcome"] == "succeeded"  # the task's context intact
     # One lookup per key per task, however many processes asked (main, safe_pool, process_pool).
     assert _logged(out, caplog, f"looking up variable {VARIABLE!r} for the worker processes") == 3
     assert _logged(out, caplog, f"looking up connection {CONNECTION!r} for the worker processes") == 3
