@@ -9,7 +9,9 @@ DB, so the figures are the channel's and the workers' own). Three pools, whole l
 - a plain function (the baseline);
 - a function that refers to ``Variable`` (the pool preloads ``airflow.sdk`` once in the helper
   the workers are forked from, see ``pool/preload.py``);
-- the same read with the import inside the function's body, so each worker imports it.
+- the same read with the import inside the function's body, so each worker imports it;
+- the first, with ``airflow.sdk.execution_time.context`` (where the Task SDK's lookups live,
+  imported lazily by the first ``Variable.get``) preloaded as well.
 
 Then the latency of one ``Variable.get`` in a worker: the first (a connect and a lookup) and
 the following ones (answered from the pool's cache).
@@ -68,9 +70,11 @@ def main() -> None:
     global Variable
     from airflow.sdk import Variable
 
-    def pool_run(fn: Any) -> float:
+    def pool_run(fn: Any, preload: tuple[str, ...] = ()) -> float:
         def run() -> None:
-            with SafeProcessPoolExecutor(2, context_resolver=resolver, log=lambda line: None) as pool:
+            with SafeProcessPoolExecutor(
+                2, context_resolver=resolver, log=lambda line: None, preload=preload
+            ) as pool:
                 list(pool.map(fn, range(20), chunksize=1))
 
         return median_time(run)
@@ -79,9 +83,11 @@ def main() -> None:
     base = pool_run(plain)
     preloaded = pool_run(reads_preloaded)
     each = pool_run(reads_imported_in_body)
+    lookup_too = pool_run(reads_preloaded, ("airflow.sdk.execution_time.context",))
     print(f"plain function:                          {base:.2f} s")
     print(f"Variable.get, airflow.sdk preloaded:     {preloaded:.2f} s  (+{preloaded - base:.2f} s)")
     print(f"Variable.get, each worker imports it:    {each:.2f} s  (+{each - base:.2f} s)")
+    print(f"  preloaded with the SDK's lookup module: {lookup_too:.2f} s  (+{lookup_too - base:.2f} s)")
     with SafeProcessPoolExecutor(1, context_resolver=resolver, log=lambda line: None) as pool:
         first, cached = pool.submit(latencies, 1000).result()
     print(
