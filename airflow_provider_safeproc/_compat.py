@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from airflow import __version__ as AIRFLOW_VERSION
 
+# Airflow 3's is the Task SDK's (airflow.exceptions re-exports it); common.compat lacks it on 2.x.
+from airflow.exceptions import AirflowNotFoundException  # type: ignore[attr-defined]
+
 # Airflow 3 moved the authoring names to the Task SDK (airflow.sdk); 2.x has them in
 # airflow.models and airflow.decorators. apache-airflow-providers-common-compat, the shim the
 # Apache providers share, knows both places (1.9.0 is the newest release for Airflow 2.10 and
 # already has them all), and follows later moves. Import from here when 2.x support ends.
 from airflow.providers.common.compat.sdk import (
+    BaseHook,
     BaseOperator,
     Context,
     DecoratedOperator,
+    Variable,
     XComArg,
     get_current_context,
     task_decorator_factory,
@@ -28,9 +33,12 @@ AIRFLOW_V_3 = int(AIRFLOW_VERSION.split(".", 1)[0]) >= 3
 __all__ = [
     "AIRFLOW_VERSION",
     "AIRFLOW_V_3",
+    "AirflowNotFoundException",
+    "BaseHook",
     "BaseOperator",
     "Context",
     "DecoratedOperator",
+    "Variable",
     "XComArg",
     "get_current_context",
     "task_decorator_factory",

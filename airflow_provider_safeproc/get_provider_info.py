@@ -18,6 +18,7 @@ HOW_TO_GUIDES = (
     "threaded_scraper",
     "timeouts_and_retries",
     "sharded_map",
+    "hook_per_item",
 )
 
 

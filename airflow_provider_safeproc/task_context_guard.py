@@ -17,18 +17,29 @@ Workers must not import Airflow to install this, so nothing is imported: a meta-
 waits for the Airflow modules that hold these entry points and replaces the entry points as
 each module is loaded (at once for modules already loaded, as in a ``fork`` pool). Code that
 never touches Airflow pays nothing. Stdlib only, so a fresh interpreter can use it too.
+
+**Variables and Connections answered by the task.** When the process was given a task-context
+channel (:mod:`~airflow_provider_safeproc.context_channel`: the operators give one to their
+workers and interpreters; a bare pool gets one with ``context_resolver=``), the lookups of
+Variables and Connections are not refused but asked of the task process, which resolves them
+with Airflow's own API (once per key per run) and answers over that channel. The worker then
+behaves as the task: a missing key raises the error Airflow raises there, a connection is that
+Airflow version's ``Connection`` class, so hooks work. Writes (``Variable.set``...), XComs and
+``get_current_context()`` stay refused.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import json
 import os
 import sys
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["WORKER_ENVIRONMENT", "refuse_task_context"]
+__all__ = ["WORKER_ENVIRONMENT", "guard_then", "refuse_task_context"]
 
 #: Set in workers: ``import airflow`` skips the database set-up (Airflow 3 reads it at import).
 WORKER_ENVIRONMENT = {"PYTHON_OPERATORS_VIRTUAL_ENV_MODE": "1"}
@@ -104,19 +115,115 @@ def _refuser(call: str, skip: int) -> Callable[..., Any]:
     return refused
 
 
-def _replace(owner: Any, name: str, call: str) -> None:
+# --- lookups answered by the task process (when this process has the channel) -------------
+
+
+def _ask(kind: str, key: str) -> Any:
+    from airflow_provider_safeproc.context_channel import ask_task_process
+
+    return ask_task_process(kind, key)  # type: ignore[arg-type]
+
+
+def _airflow(module: str) -> Any:
+    """An Airflow module, imported only once user code has called into Airflow (never before)."""
+    return importlib.import_module(module)
+
+
+def _not_found_error() -> type[Exception]:
+    try:  # Airflow 3: the Task SDK's, which the task raises
+        error: type[Exception] = _airflow("airflow.sdk.exceptions").AirflowNotFoundException
+    except ImportError:  # Airflow 2
+        error = _airflow("airflow.exceptions").AirflowNotFoundException
+    return error
+
+
+def _connection(connection_class: Any, conn_id: str) -> Any:
+    """That Airflow's ``Connection`` built from the fields the task sent, or its not-found error."""
+    fields = _ask("connection", conn_id)
+    if fields is None:  # what Airflow raises in the task, word for word
+        raise _not_found_error()(f"The conn_id `{conn_id}` isn't defined")
+    return connection_class(**fields)
+
+
+def _sdk_get_variable(module: Any, key: str, deserialize_json: bool = False) -> Any:
+    """Airflow 3's ``_get_variable``: the raw value from the task, or the SDK's not-found error."""
+    raw = _ask("variable", key)
+    if raw is None:
+        exceptions = _airflow("airflow.sdk.exceptions")
+        response = _airflow("airflow.sdk.execution_time.comms").ErrorResponse(
+            error=exceptions.ErrorType.VARIABLE_NOT_FOUND, detail={"message": f"Variable {key} not found"}
+        )
+        raise exceptions.AirflowRuntimeError(response)
+    return json.loads(raw) if deserialize_json else raw
+
+
+def _sdk_get_connection(module: Any, conn_id: str) -> Any:
+    return _connection(_airflow("airflow.sdk.definitions.connection").Connection, conn_id)
+
+
+async def _sdk_async_get_connection(module: Any, conn_id: str) -> Any:
+    return _sdk_get_connection(module, conn_id)  # a short local round trip: not worth a thread
+
+
+def _variable_from_secrets(variable_class: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``Variable.get_variable_from_secrets``: the raw value or None; ``Variable.get`` does the rest."""
+    return _ask("variable", key)
+
+
+#: (module, owner, attribute) -> its replacement where the task answers. ``None``: keep
+#: Airflow's own (``Variable.get`` calls what is answered here, and raises as in the task).
+_ANSWERED: dict[tuple[str, str, str], Callable[..., Any] | None] = {
+    ("airflow.sdk.execution_time.context", "", "_get_variable"): _sdk_get_variable,
+    ("airflow.sdk.execution_time.context", "", "_get_connection"): _sdk_get_connection,
+    ("airflow.sdk.execution_time.context", "", "_async_get_connection"): _sdk_async_get_connection,
+    ("airflow.models.variable", "Variable", "get"): None,
+    ("airflow.models.variable", "Variable", "get_variable_from_secrets"): _variable_from_secrets,
+    ("airflow.models.connection", "Connection", "get_connection_from_secrets"): _connection,
+}
+
+
+def _answerer(fn: Callable[..., Any], owner: Any, skip: int) -> Callable[..., Any]:
+    """``fn(owner, *args)``: the owner (module or class) first, whatever the method kind."""
+
+    def answered(*args: Any, **kwargs: Any) -> Any:
+        return fn(owner, *args[skip:], **kwargs)
+
+    answered.__safeproc_refused__ = True  # type: ignore[attr-defined]  # patched once
+    return answered
+
+
+def _replacement(owner: Any, where: tuple[str, str, str], call: str, skip: int) -> Callable[..., Any] | None:
+    """The refuser, or (with a channel) what asks the task; None: leave Airflow's own."""
+    if where in _ANSWERED and _has_channel():
+        answer = _ANSWERED[where]
+        return None if answer is None else _answerer(answer, owner, skip)
+    return _refuser(call, skip)
+
+
+def _has_channel() -> bool:
+    from airflow_provider_safeproc.context_channel import channel_in_environment
+
+    return channel_in_environment()
+
+
+def _replace(owner: Any, module: str, owner_name: str, name: str, call: str) -> None:
     raw = vars(owner).get(name)  # never getattr: a module's lazy export would import it
     if raw is None or getattr(raw, "__safeproc_refused__", False):
         return
+    kind: Any
     if isinstance(raw, classmethod):
-        new: Any = classmethod(functools.wraps(raw.__func__)(_refuser(call, 1)))
+        func, kind, skip = raw.__func__, classmethod, 1
     elif isinstance(raw, staticmethod):
-        new = staticmethod(functools.wraps(raw.__func__)(_refuser(call, 0)))
+        func, kind, skip = raw.__func__, staticmethod, 0
     elif isinstance(raw, types.FunctionType):
-        new = functools.wraps(raw)(_refuser(call, 1 if isinstance(owner, type) else 0))
+        func, kind, skip = raw, None, 1 if isinstance(owner, type) else 0
     else:
         return
-    setattr(owner, name, new)
+    replacement = _replacement(owner, (module, owner_name, name), call, skip)
+    if replacement is None:
+        return
+    new: Any = functools.wraps(func)(replacement)
+    setattr(owner, name, new if kind is None else kind(new))
 
 
 class _NoSupervisor:
@@ -136,7 +243,7 @@ def _patch(module: types.ModuleType) -> None:
     for owner_name, name, call in _ENTRY_POINTS.get(module.__name__, ()):
         owner = getattr(module, owner_name, None) if owner_name else module
         if owner is not None:
-            _replace(owner, name, call)
+            _replace(owner, module.__name__, owner_name, name, call)
 
 
 class _PatchingLoader:
@@ -181,7 +288,9 @@ class _Finder:
 def refuse_task_context() -> None:
     """Make Variables, Connections and XComs raise a clear error in this (worker) process.
 
-    Idempotent; used as the operators' worker initializer. Also sets :data:`WORKER_ENVIRONMENT`.
+    With a task-context channel in the environment, Variables and Connections are asked of
+    the task process instead (see the module docstring). Idempotent; used as the operators'
+    worker initializer. Also sets :data:`WORKER_ENVIRONMENT`.
     """
     os.environ.update(WORKER_ENVIRONMENT)
     if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
@@ -195,3 +304,9 @@ def refuse_task_context() -> None:
 # The pool sets it in its workers (and the helper they are forked from) before anything is
 # imported there, so a preloaded Airflow skips its database set-up too.
 refuse_task_context.worker_environment = WORKER_ENVIRONMENT  # type: ignore[attr-defined]
+
+
+def guard_then(initializer: Callable[..., Any], *args: Any) -> Any:
+    """Install the guard, then run the pool user's own ``initializer(*args)`` (pickles by reference)."""
+    refuse_task_context()
+    return initializer(*args)

@@ -181,6 +181,9 @@ def main() -> int:
         from tests.harness import airflow_compat
 
         db.resetdb()
+        from tests.harness import airflow_objects
+
+        airflow_objects.store_gallery_connections(str(DEMO))  # hook_per_item's warehouse
         dags = {}
         import_errors: dict[str, str] = {}
         for path in sorted(DAGS.glob("*.py")):

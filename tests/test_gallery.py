@@ -96,6 +96,15 @@ def venv_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return cache
 
 
+@pytest.fixture(autouse=True)
+def gallery_connections(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The connections the gallery needs, created through Airflow's API (as ``make demo`` does)."""
+    if "airflow_dags" in request.fixturenames:
+        from tests.harness import airflow_objects
+
+        airflow_objects.store_gallery_connections(str(tmp_path))
+
+
 def _run(airflow_dags, name: str, **kwargs):
     path = GALLERY / f"{name}.py"
     return airflow_dags.run(path.read_text(), _dag_id(path), **kwargs)
@@ -149,6 +158,16 @@ def _check_sharded_map(result, out: str) -> None:
     assert result.xcom("combine") == {"numbers": 60_000, "longest": 339}
 
 
+def _check_hook_per_item(result, out: str) -> None:
+    assert result.xcom("per_region") == [
+        {"region": region, "orders": 100, "total": 4950.0}
+        for region in ("north", "south", "east", "west", "centre", "islands")
+    ]
+    assert result.xcom("report") == {"regions": 6, "orders": 600}
+    # One lookup per key for the six items, by the task process.
+    assert out.count("looking up connection 'safeproc_gallery_warehouse' for the worker processes") in (1, 2)
+
+
 CHECKS = {
     "cpu_bound_map": _check_cpu_bound_map,
     "existing_pool_code": _check_existing_pool_code,
@@ -156,6 +175,7 @@ CHECKS = {
     "threaded_scraper": _check_threaded_scraper,
     "timeouts_and_retries": _check_timeouts_and_retries,
     "sharded_map": _check_sharded_map,
+    "hook_per_item": _check_hook_per_item,
 }
 
 

@@ -158,6 +158,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
         self._pool: SafeProcessPoolExecutor | None = None
 
     def execute(self, context: Any) -> list[Any]:
+        from airflow_provider_safeproc.operators.task_context import task_context_resolver
         from airflow_provider_safeproc.pool.executor import SafeProcessPoolExecutor
         from airflow_provider_safeproc.task_context_guard import refuse_task_context
 
@@ -179,6 +180,7 @@ class ParallelPythonOperator(_compat.BaseOperator):
             max_memory_per_child=self.max_memory_per_child,
             preload=self.preload,
             initializer=refuse_task_context,
+            context_resolver=task_context_resolver(self.log.info),
             log=self.log.info,
             progress=self._progress_logger(),
         )

@@ -61,10 +61,13 @@ def _with_process_pool(fn: Callable[..., Any], max_workers: int) -> Callable[...
 
 
 def _without_task_context(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``fn`` so that Variables, Connections and XComs raise a clear error in the child.
+    """Wrap ``fn`` so that the child asks the task for Variables and Connections and refuses
+    XComs with a clear error.
 
-    The child is not a task process (see :mod:`~airflow_provider_safeproc.task_context_guard`);
-    fork-based pools it starts inherit the guard. A closure, like :func:`_with_process_pool`.
+    The child is not a task process (see :mod:`~airflow_provider_safeproc.task_context_guard`):
+    its environment holds the task's context channel, and the guard answers the lookups
+    through it; fork-based pools it starts inherit both. A closure, like
+    :func:`_with_process_pool`.
     """
 
     def run_without_task_context(*args: Any, **kwargs: Any) -> Any:
@@ -74,7 +77,21 @@ def _without_task_context(fn: Callable[..., Any]) -> Callable[..., Any]:
             pass
         else:
             refuse_task_context()
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "airflow":
+                raise
+            import sys
+
+            raise ModuleNotFoundError(
+                f"{exc} in the interpreter {sys.executable}: Variables, Connections, hooks and every "
+                "other Airflow API need an interpreter that can import Airflow (the task's own: no "
+                "python= nor requirements=; or a virtualenv with apache-airflow in its requirements, "
+                "or system_site_packages=True over an interpreter that has it). Or resolve the values "
+                "in the task and pass them in (op_kwargs, templates).",
+                name=exc.name,
+            ) from exc
 
     return run_without_task_context
 
@@ -90,9 +107,11 @@ class ProcessPoolOperator(_compat.BaseOperator):
         it receives a ``concurrent.futures.ProcessPoolExecutor(max_workers)`` created in the new
         interpreter and shut down after the callable returns. Context values that serialize
         (``ds``, ``logical_date``, ``run_id``, ``params``, ``dag_run`` with ``.conf``...) are
-        passed when its signature names them; Airflow is not imported in the child, and
-        ``Variable.get``, connections and XComs raise ``TaskContextUnavailableError`` there:
-        resolve them in the task and pass the values.
+        passed when its signature names them. Airflow is not imported in the child unless the
+        callable does; there ``Variable.get`` and connections (``BaseHook.get_connection``,
+        hooks) are answered by the task process, once per key, as in pool workers (where the
+        child's interpreter can import Airflow); XComs and ``get_current_context()`` raise
+        ``TaskContextUnavailableError``: pass those values in.
     :param op_args: Positional arguments for the callable. (templated)
     :param op_kwargs: Keyword arguments for the callable. (templated)
     :param max_workers: Size of the ``process_pool`` handed to the callable. None:
@@ -164,7 +183,9 @@ class ProcessPoolOperator(_compat.BaseOperator):
         self._handle: InterpreterHandle[Any] | None = None
 
     def execute(self, context: Any) -> Any:
+        from airflow_provider_safeproc.context_channel import ContextServer
         from airflow_provider_safeproc.interpreter.run import start_in_interpreter
+        from airflow_provider_safeproc.operators.task_context import task_context_resolver
 
         python = self._interpreter()
         fn = self.python_callable
@@ -183,15 +204,21 @@ class ProcessPoolOperator(_compat.BaseOperator):
             pool_size = self._pool_size()
             fn = _with_process_pool(fn, pool_size)
         fn = _without_task_context(fn)
-        handle = start_in_interpreter(
-            fn,
-            *self.op_args,
-            python=python,
-            env=self._environment(),
-            timeout=self.timeout,
-            log=self.log.info,
-            **kwargs,
-        )
+        # The child, and the pools it starts, ask this process for Variables and Connections.
+        channel = ContextServer(task_context_resolver(self.log.info))
+        try:
+            handle = start_in_interpreter(
+                fn,
+                *self.op_args,
+                python=python,
+                env=self._environment(channel.environment),
+                timeout=self.timeout,
+                log=self.log.info,
+                **kwargs,
+            )
+        except BaseException:
+            channel.close()
+            raise
         self._handle = handle
         started = time.monotonic()
         outcome = "failed"
@@ -206,6 +233,7 @@ class ProcessPoolOperator(_compat.BaseOperator):
             raise
         finally:
             handle.kill()  # no-op when it already ended; ends everything on any exception
+            channel.close()
             self._handle = None
             self._report_summary(context, handle.pid, outcome, time.monotonic() - started, pool_size)
 
@@ -253,9 +281,14 @@ class ProcessPoolOperator(_compat.BaseOperator):
         )
         return str(python)
 
-    def _environment(self) -> dict[str, str]:
+    def _environment(self, context_channel: Mapping[str, str] | None = None) -> dict[str, str]:
         from airflow_provider_safeproc.task_context_guard import WORKER_ENVIRONMENT
 
         base = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", os.defpath)}
         # Before the callable is unpickled there: its globals may import Airflow.
-        return {**base, **WORKER_ENVIRONMENT, **{str(k): str(v) for k, v in self.env_vars.items()}}
+        return {
+            **base,
+            **WORKER_ENVIRONMENT,
+            **{str(k): str(v) for k, v in self.env_vars.items()},
+            **(context_channel or {}),
+        }

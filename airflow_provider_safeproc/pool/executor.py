@@ -22,6 +22,7 @@ from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
 from airflow_provider_safeproc._after_fork import forget_in_forked_child
+from airflow_provider_safeproc.context_channel import ContextResolver, pool_context
 from airflow_provider_safeproc.cpu import effective_cpu_count
 from airflow_provider_safeproc.errors import ConfigurationError, SerializationError
 from airflow_provider_safeproc.pool import results
@@ -102,6 +103,12 @@ class SafeProcessPoolExecutor(Executor):
         (``forkserver``, native engine), so that every worker starts with them instead of
         importing them itself. The modules a mapped or submitted callable refers to are
         preloaded without being named here; name those it imports inside its body.
+    :param context_resolver: for a pool used inside an Airflow task: ``resolver(kind, key)``
+        with ``kind`` ``"variable"`` or ``"connection"``, called in this process to answer
+        ``Variable.get`` and connection lookups (hooks) made in workers, once per distinct key
+        (see :mod:`~airflow_provider_safeproc.context_channel`; the operators pass
+        :func:`~airflow_provider_safeproc.operators.task_context_resolver`). Without it those
+        lookups raise ``TaskContextUnavailableError`` in workers, as XComs always do.
     :raises ConfigurationError: (a ValueError) for any argument that can never work,
         before a process is started.
     """
@@ -122,6 +129,7 @@ class SafeProcessPoolExecutor(Executor):
         log: Callable[[str], None] | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         preload: Iterable[str] = (),
+        context_resolver: ContextResolver | None = None,
     ) -> None:
         workers = check_positive_int("max_workers", max_workers)
         self._max_workers = workers if workers is not None else effective_cpu_count()
@@ -142,6 +150,12 @@ class SafeProcessPoolExecutor(Executor):
         check_callable("log", log, allow_none=True)
         check_callable("progress", progress, allow_none=True)
         preload_modules = check_module_names("preload", preload)
+        check_callable("context_resolver", context_resolver, allow_none=True)
+        context = pool_context(context_resolver, initializer, initargs)  # a channel for Variables...
+        initializer, initargs = context.initializer, context.initargs
+        self._context_server = context.server
+        if context.server is not None:
+            weakref.finalize(self, context.server.close)
         init_blob: bytes | None = None
         shared_fds: tuple[int, ...] = ()
         inherited: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
@@ -170,9 +184,10 @@ class SafeProcessPoolExecutor(Executor):
             or max_memory is not None,
             item_soft_timeout=soft_timeout,
             # An initializer may name what workers need in their environment before anything
-            # is imported (refuse_task_context: Airflow without its database): the helper the
-            # workers are forked from gets it too, for what it preloads.
-            environment=dict(getattr(initializer, "worker_environment", None) or {}),
+            # is imported (refuse_task_context: Airflow without its database), and the
+            # task-context channel's address: the helper the workers are forked from gets it
+            # too, for what it preloads.
+            environment=context.environment,
             authkey=bytes(multiprocessing.current_process().authkey),
             shared_fds=shared_fds,
         )
@@ -186,6 +201,8 @@ class SafeProcessPoolExecutor(Executor):
         engine_.preload(preload_modules)
         self._hinted: set[int] = set()  # callables whose modules the engine was told of
         engine_.start()
+        if context.server is not None:
+            context.server.start()
         # Garbage collection ends the pool once its queued work is done.
         self._finalizer = weakref.finalize(self, _request_stop, engine_)
 
@@ -425,6 +442,7 @@ class SafeProcessPoolExecutor(Executor):
         _request_stop(self._engine, cancel=cancel_futures)
         if wait:
             self._engine.join()
+            self._close_context_server()
 
     def terminate(self) -> None:
         """End now: items not started are cancelled, running ones fail with ``BrokenPoolError``;
@@ -433,6 +451,12 @@ class SafeProcessPoolExecutor(Executor):
         self._stop_reading(cancel=True)
         _request_stop(self._engine, terminate=True)
         self._engine.join()
+        self._close_context_server()
+
+    def _close_context_server(self) -> None:
+        """No worker is left to ask (the engine joined)."""
+        if self._context_server is not None:
+            self._context_server.close()
 
     def _stop_reading(self, *, cancel: bool) -> None:
         if os.getpid() != self._engine.owner_pid:

@@ -2,7 +2,8 @@
 
 Each command prints its answer as JSON on the last line:
 
-- ``batch '<dag ids>' <timeout s> '<variables>'``: set the Variables, wait until the scheduler
+- ``batch '<dag ids>' <timeout s> '<variables>' '<connections>'``: set the Variables and
+  Connections (fields by conn id), wait until the scheduler
   has parsed every DAG, trigger one run of each, wait for all of them; per DAG its run's state,
   its task instances' states and the text of their logs, plus the import errors. One process
   does it all: no CLI call per DAG (seconds each).
@@ -22,7 +23,7 @@ from typing import Any
 
 from airflow.api.common.trigger_dag import trigger_dag
 from airflow.configuration import conf
-from airflow.models import DagModel, DagRun, TaskInstance, Variable
+from airflow.models import Connection, DagModel, DagRun, TaskInstance, Variable
 from airflow.models.errors import ParseImportError
 from airflow.utils.session import create_session
 from airflow.utils.state import DagRunState
@@ -72,10 +73,16 @@ def _outcome(dag_id: str, run_id: str) -> dict[str, Any]:
     }
 
 
-def main(dag_ids: list[str], timeout: float, variables: dict[str, str]) -> dict[str, Any]:
+def main(
+    dag_ids: list[str], timeout: float, variables: dict[str, str], connections: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     for key, value in variables.items():
         Variable.set(key, value)
+    with create_session() as session:
+        for conn_id, fields in connections.items():
+            session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+            session.add(Connection(conn_id=conn_id, **fields))
     known: set[str] = set()
     while time.monotonic() < deadline:
         known = _known_dags(dag_ids)
@@ -129,7 +136,7 @@ def set_state(dag_id: str, run_id: str, task_id: str, state: str) -> dict[str, A
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "batch":
-        result: Any = main(json.loads(args[0]), float(args[1]), json.loads(args[2]))
+        result: Any = main(json.loads(args[0]), float(args[1]), json.loads(args[2]), json.loads(args[3]))
     elif command == "trigger":
         run = trigger_dag(args[0], conf=json.loads(args[1]))
         result = run.run_id if run is not None else None

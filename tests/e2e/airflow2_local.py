@@ -146,10 +146,23 @@ class Airflow2Local:
         out = self._run("python", str(_DRIVER), *args, timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
 
-    def run(self, dag_ids: list[str], *, variables: dict[str, str], timeout: float) -> dict[str, Any]:
-        """Trigger one run of each DAG, wait for all of them; what ``airflow2_driver`` printed."""
+    def run(
+        self,
+        dag_ids: list[str],
+        *,
+        variables: dict[str, str],
+        connections: dict[str, dict[str, Any]],
+        timeout: float,
+    ) -> dict[str, Any]:
+        """Set the Variables and Connections, trigger one run of each DAG, wait for all of them;
+        what ``airflow2_driver`` printed."""
         return self._driver(
-            "batch", json.dumps(dag_ids), str(timeout), json.dumps(variables), timeout=timeout + 120
+            "batch",
+            json.dumps(dag_ids),
+            str(timeout),
+            json.dumps(variables),
+            json.dumps(connections),
+            timeout=timeout + 120,
         )
 
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:

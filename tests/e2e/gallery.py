@@ -29,8 +29,27 @@ STDLIB_POOL_DAG = "e2e_control_stdlib_pool"
 BUSY_POOL_DAG = "e2e_control_busy_pool"
 WORKER_CONTEXT_DAG = "e2e_control_worker_context"
 BATCH_CONTROL_DAGS = (DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG)
-# Created in the metadata DB before the batch runs; WORKER_CONTEXT_DAG reads it.
-BATCH_VARIABLES = {"safeproc_e2e_token": "e2e-token-value"}
+# Created in the metadata DB before the batch runs; WORKER_CONTEXT_DAG reads them.
+BATCH_VARIABLES = {"safeproc_e2e_token": "e2e-token-value", "safeproc_e2e_api_password": "e2e-Secret-5077"}
+# What WORKER_CONTEXT_DAG's tasks end as, on every deployment.
+WORKER_CONTEXT_STATES = {
+    "resolve_in_task": "success",
+    "ask_in_worker": "success",
+    "print_secret": "success",
+    "missing_variable": "failed",
+    "ask_in_interpreter": "success",
+    "worker_sockets": "success",
+}
+E2E_CONNECTION = {"conn_type": "http", "host": "api.e2e.example", "port": 8443, "login": "e2e"}
+
+
+def batch_connections(directory: Path) -> dict[str, dict[str, Any]]:
+    """The connections created before the batch runs: WORKER_CONTEXT_DAG's and the gallery's
+    (a SQLite warehouse in ``directory``)."""
+    from tests.harness.airflow_objects import gallery_connections
+
+    return {"safeproc_e2e_conn": dict(E2E_CONNECTION), **gallery_connections(str(directory))}
+
 
 RUN_TIMEOUT_S = float(os.environ.get("SAFEPROC_E2E_RUN_TIMEOUT", "420"))
 
@@ -79,6 +98,8 @@ def run_batch(deployment: Deployment) -> BatchRuns:
     wanted += [dag_id for dag_id in BATCH_CONTROL_DAGS if dag_id not in wanted]
     for key, value in BATCH_VARIABLES.items():
         api.request("POST", "/variables", json={"key": key, "value": value})
+    for conn_id, fields in batch_connections(deployment.root).items():
+        api.request("POST", "/connections", json={"connection_id": conn_id, **fields})
     began = time.monotonic()
     runs = {dag_id: api.trigger(dag_id) for dag_id in wanted}
     results = api.wait_for_runs(runs, timeout=RUN_TIMEOUT_S, started=began)

@@ -23,6 +23,8 @@ from tests.e2e.gallery import (
     RUN_TIMEOUT_S,
     STDLIB_POOL_DAG,
     WORKER_CONTEXT_DAG,
+    WORKER_CONTEXT_STATES,
+    batch_connections,
     deployment_sources,
     gallery_files,
 )
@@ -59,7 +61,8 @@ def outcome(deployment: Airflow2Local) -> dict[str, Any]:
     wanted = sorted(
         {d for ids in gallery.values() for d in ids} | {DAEMON_FLAG_DAG, STDLIB_POOL_DAG, WORKER_CONTEXT_DAG}
     )
-    result = deployment.run(wanted, variables=BATCH_VARIABLES, timeout=RUN_TIMEOUT_S)
+    connections = batch_connections(deployment.root)
+    result = deployment.run(wanted, variables=BATCH_VARIABLES, connections=connections, timeout=RUN_TIMEOUT_S)
     result["gallery"] = gallery
     result["scheduler_log"] = deployment.scheduler_log()
     for dag_id, run in sorted(result["runs"].items()):
@@ -100,12 +103,19 @@ def test_task_processes_are_daemonic_and_the_stdlib_pool_fails(outcome):
     report.record(EXECUTOR, f"stdlib ProcessPoolExecutor in a PythonOperator: fails ({DAEMONIC_ERROR})")
 
 
-def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(outcome):
+def test_workers_read_variables_and_connections_through_the_task(outcome):
+    """As on Airflow 3: answered by the task process (which uses the metadata DB), one lookup
+    per key; the secret is masked; a missing Variable fails with Airflow's KeyError."""
     run = outcome["runs"][WORKER_CONTEXT_DAG]
-    expected = {"resolve_in_task": "success", "ask_in_worker": "failed", "worker_sockets": "success"}
-    assert run["tasks"] == expected, _details(outcome, WORKER_CONTEXT_DAG)
-    log = run["logs"]["ask_in_worker"]
-    assert "Variable.get('safeproc_e2e_token') is not available in a safeproc worker process" in log, log
+    assert run["tasks"] == WORKER_CONTEXT_STATES, _details(outcome, WORKER_CONTEXT_DAG)
+    lookups = [line for line in run["logs"]["ask_in_worker"].splitlines() if "looking up" in line]
+    assert len(lookups) == 2, lookups
+    log = run["logs"]["print_secret"]
+    assert "authenticates with ***" in log, log
+    assert BATCH_VARIABLES["safeproc_e2e_api_password"] not in log, log
+    log = run["logs"]["missing_variable"]
+    assert "KeyError: 'Variable safeproc_e2e_no_such_variable does not exist'" in log, log
+    report.record(EXECUTOR, f"Variable and Connection in 20 items on 2 workers: {len(lookups)} lookups")
 
 
 def test_marking_the_task_failed_leaves_no_process(deployment, outcome):

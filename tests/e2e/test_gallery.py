@@ -13,8 +13,10 @@ from tests.e2e import report
 from tests.e2e.gallery import (
     BATCH_VARIABLES,
     DAEMON_FLAG_DAG,
+    E2E_CONNECTION,
     STDLIB_POOL_DAG,
     WORKER_CONTEXT_DAG,
+    WORKER_CONTEXT_STATES,
     failure_details,
     gallery_files,
     looks_like_dag_file,
@@ -67,21 +69,35 @@ def test_stdlib_process_pool_fails_only_on_celery(deployment, batch_runs):
         report.record(deployment.executor, "stdlib ProcessPoolExecutor in a PythonOperator: runs")
 
 
-def test_variables_resolve_in_the_task_and_fail_clearly_in_workers(deployment, batch_runs):
-    """A DB Variable reaches workers through a template; Variable.get in a worker names the mistake."""
+def test_workers_read_variables_and_connections_through_the_task(deployment, batch_runs):
+    """A Variable and a Connection created through the REST API: read in 20 items on 2 workers
+    and in ProcessPoolOperator's interpreter and pool, answered by the task process; a secret
+    printed by a worker is masked in the task log; a missing one fails with Airflow's error."""
     run = batch_runs.results[WORKER_CONTEXT_DAG]
     states = run.task_states()
-    expected = {"resolve_in_task": "success", "ask_in_worker": "failed", "worker_sockets": "success"}
-    assert states == expected, failure_details(deployment, run)
+    assert states == WORKER_CONTEXT_STATES, failure_details(deployment, run)
     token = BATCH_VARIABLES["safeproc_e2e_token"]
     resolved = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "resolve_in_task")
     assert resolved == [f"{i}:{token}" for i in (1, 2, 3)]
+    host, port = E2E_CONNECTION["host"], E2E_CONNECTION["port"]
+    asked = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "ask_in_worker")
+    assert asked == [f"{i}:{token}:{host}:{port}" for i in range(20)]
+    in_interpreter = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "ask_in_interpreter")
+    assert in_interpreter == [f"{i}:{token}:{host}:{port}" for i in range(21)]
     log = deployment.task_log(WORKER_CONTEXT_DAG, run.run_id, "ask_in_worker")
-    assert "TaskContextUnavailableError" in log, log
-    assert "Variable.get('safeproc_e2e_token') is not available in a safeproc worker process" in log, log
-    assert "VARIABLE_NOT_FOUND" not in log, log
-    line = next(line.strip() for line in log.splitlines() if "is not available in a safeproc worker" in line)
-    report.record(deployment.executor, f"Variable.get in a pool worker: {line[:160]}")
+    lookups = [line for line in log.splitlines() if "looking up" in line]
+    assert len(lookups) == 2, lookups  # one per key for 20 items
+    report.record(
+        deployment.executor, f"Variable and Connection in 20 items on 2 workers: {len(lookups)} lookups"
+    )
+
+    secret = BATCH_VARIABLES["safeproc_e2e_api_password"]
+    log = deployment.task_log(WORKER_CONTEXT_DAG, run.run_id, "print_secret")
+    assert "authenticates with ***" in log, log
+    assert secret not in log, log
+    log = deployment.task_log(WORKER_CONTEXT_DAG, run.run_id, "missing_variable")
+    assert "safeproc_e2e_no_such_variable" in log, log
+    assert "VARIABLE_NOT_FOUND" in log or "KeyError" in log, log
     # The supervisor socket is never shared: a worker holds none of the task process's sockets.
     sockets = deployment.api.xcom(WORKER_CONTEXT_DAG, run.run_id, "worker_sockets")
     assert all(s["task_sockets"] > 0 and s["shared"] == [] for s in sockets), sockets

@@ -1,11 +1,15 @@
 """Control DAG: Airflow's task context inside pool workers, on a real task runner.
 
-The Variable ``safeproc_e2e_token`` exists in the metadata DB (the test creates it through the
-REST API before triggering). Resolved in the task with a template, it reaches every worker
-(``resolve_in_task`` succeeds). Asked for inside a worker, it must fail the item with
-``TaskContextUnavailableError`` naming the call (``ask_in_worker`` fails), not with Airflow's
-"Variable ... not found": the worker has no supervisor connection. ``worker_sockets`` shows
-why: a worker holds none of the task process's sockets (the supervisor's among them).
+The Variables ``safeproc_e2e_token`` and ``safeproc_e2e_api_password`` and the connection
+``safeproc_e2e_conn`` exist in the metadata DB (the test creates them through the REST API, or
+Airflow's own API on Airflow 2, before triggering). Resolved in the task with a template, the
+token reaches every worker (``resolve_in_task``). Asked for inside workers, 20 items on 2
+workers, the Variable and the connection are answered by the task process
+(``ask_in_worker``), and so in ProcessPoolOperator's interpreter and its pool
+(``ask_in_interpreter``). A worker that prints the sensitive Variable shows ``***`` in the task
+log (``print_secret``); a missing Variable fails with Airflow's own error naming it
+(``missing_variable``). ``worker_sockets`` shows that a worker still holds none of the task
+process's sockets (the supervisor's among them).
 """
 
 from __future__ import annotations
@@ -17,9 +21,27 @@ try:
 except ImportError:  # Airflow 2
     from airflow import DAG
 
-from airflow_provider_safeproc.operators import ParallelPythonOperator
+from airflow_provider_safeproc.operators import ParallelPythonOperator, ProcessPoolOperator
 
 TOKEN_VARIABLE = "safeproc_e2e_token"
+SECRET_VARIABLE = "safeproc_e2e_api_password"
+CONNECTION = "safeproc_e2e_conn"
+
+
+def _variable() -> type:
+    try:
+        from airflow.sdk import Variable
+    except ImportError:  # Airflow 2
+        from airflow.models import Variable
+    return Variable
+
+
+def _base_hook() -> type:
+    try:
+        from airflow.sdk import BaseHook
+    except ImportError:  # Airflow 2
+        from airflow.hooks.base import BaseHook
+    return BaseHook
 
 
 def with_token(item: int, token: str) -> str:
@@ -27,12 +49,22 @@ def with_token(item: int, token: str) -> str:
 
 
 def ask_for_token(item: int) -> str:
-    try:
-        from airflow.sdk import Variable
-    except ImportError:  # Airflow 2
-        from airflow.models import Variable
+    conn = _base_hook().get_connection(CONNECTION)
+    return f"{item}:{_variable().get(TOKEN_VARIABLE)}:{conn.host}:{conn.port}"
 
-    return f"{item}:{Variable.get(TOKEN_VARIABLE)}"
+
+def print_secret(item: int) -> int:
+    secret = _variable().get(SECRET_VARIABLE)
+    print(f"item {item} authenticates with {secret}")
+    return len(secret)
+
+
+def missing_variable(item: int) -> str:
+    return _variable().get("safeproc_e2e_no_such_variable")
+
+
+def in_interpreter(process_pool) -> list[str]:
+    return [ask_for_token(0), *process_pool.map(ask_for_token, range(1, 21))]
 
 
 def shared_sockets(item: int) -> dict:
@@ -66,8 +98,15 @@ with DAG("e2e_control_worker_context", schedule=None, start_date=datetime(2024, 
         max_workers=2,
     )
     ParallelPythonOperator(
-        task_id="ask_in_worker", python_callable=ask_for_token, iterable=[1, 2, 3], max_workers=2, retries=0
+        task_id="ask_in_worker", python_callable=ask_for_token, iterable=list(range(20)), max_workers=2
     )
+    ParallelPythonOperator(
+        task_id="print_secret", python_callable=print_secret, iterable=[1, 2], max_workers=2
+    )
+    ParallelPythonOperator(
+        task_id="missing_variable", python_callable=missing_variable, iterable=[1], max_workers=1, retries=0
+    )
+    ProcessPoolOperator(task_id="ask_in_interpreter", python_callable=in_interpreter, max_workers=2)
     ParallelPythonOperator(
         task_id="worker_sockets", python_callable=shared_sockets, iterable=[1, 2], max_workers=2
     )
