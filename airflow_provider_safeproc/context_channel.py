@@ -56,15 +56,19 @@ __all__ = [
 #: What workers may ask for. A Variable answers its raw string value; a connection a dict of
 #: its fields (``conn_id``, ``conn_type``, ``host``, ``schema``, ``login``, ``password``,
 #: ``port``, ``extra``, ``description``), rebuilt in the worker as that Airflow's Connection.
-ContextKind = Literal["variable", "connection"]
+#: ``xcom_pull`` (key: the keyword arguments of ``ti.xcom_pull``) and ``xcom_push`` (key:
+#: ``{"key": ..., "value": ...}``) come from ProcessPoolOperator's interpreter only, and are
+#: never cached.
+ContextKind = Literal["variable", "connection", "xcom_pull", "xcom_push"]
 #: ``resolver(kind, key)``: the value, or None when it does not exist (the worker then raises
 #: Airflow's own not-found error). Any exception it raises is raised in the worker.
-ContextResolver = Callable[[ContextKind, str], Any]
+ContextResolver = Callable[[ContextKind, Any], Any]
 
 #: Environment variables that give a process the channel (set in workers by the pool).
 ADDRESS_VARIABLE = "SAFEPROC_TASK_CONTEXT_SOCKET"
 TOKEN_VARIABLE = "SAFEPROC_TASK_CONTEXT_TOKEN"
-_KINDS = ("variable", "connection")
+_KINDS = ("variable", "connection")  # cached: one lookup per key per run
+_UNCACHED_KINDS = ("xcom_pull", "xcom_push")  # each one done: a pull may follow a push
 
 
 class ContextServer:
@@ -187,9 +191,10 @@ class ContextServer:
 
     def _resolve(self, kind: Any, key: Any) -> tuple[Any, ...]:
         self.requests += 1
-        if kind not in _KINDS or not isinstance(key, str):
+        cacheable = kind in _KINDS and isinstance(key, str)
+        if not cacheable and not (kind in _UNCACHED_KINDS and isinstance(key, dict)):
             return ("error", "ValueError", f"unknown task-context request {kind!r} {key!r}", None)
-        cached = self._cache.get((kind, key))
+        cached = self._cache.get((kind, key)) if cacheable else None
         if cached is not None:
             return cached
         self.lookups += 1
@@ -198,7 +203,8 @@ class ContextServer:
         except Exception as exc:  # raised in the worker; not cached: it may be passing
             return ("error", type(exc).__name__, str(exc), _pickled(exc))
         answer: tuple[Any, ...] = ("missing",) if value is None else ("ok", value)
-        self._cache[(kind, key)] = answer
+        if cacheable:
+            self._cache[(kind, key)] = answer
         return answer
 
 
@@ -230,7 +236,7 @@ class TaskContextLookupError(RuntimeError):
     """The task process could not answer (its error could not be rebuilt here, or it is gone)."""
 
 
-def ask_task_process(kind: ContextKind, key: str) -> Any:
+def ask_task_process(kind: ContextKind, key: Any) -> Any:
     """Ask the task process for a Variable's raw value or a connection's fields; None if missing.
 
     Blocks until answered. Raises what the task's lookup raised (a secrets backend refusing,
@@ -254,7 +260,7 @@ def ask_task_process(kind: ContextKind, key: str) -> Any:
     raise TaskContextLookupError(f"the task process failed to look up {kind} {key!r}: {type_name}: {message}")
 
 
-def _exchange(request: tuple[str, str, str]) -> tuple[Any, ...]:
+def _exchange(request: tuple[str, str, Any]) -> tuple[Any, ...]:
     for attempt in (1, 2):
         if _Client.sock is None or _Client.pid != os.getpid():
             _Client.sock = None  # a forked copy of the parent's connection: never use it

@@ -39,7 +39,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["WORKER_ENVIRONMENT", "guard_then", "refuse_task_context"]
+__all__ = ["WORKER_ENVIRONMENT", "TaskInstanceProxy", "act_for_the_task", "guard_then", "refuse_task_context"]
 
 #: Set in workers: ``import airflow`` skips the database set-up (Airflow 3 reads it at import).
 WORKER_ENVIRONMENT = {"PYTHON_OPERATORS_VIRTUAL_ENV_MODE": "1"}
@@ -115,10 +115,28 @@ def _refuser(call: str, skip: int) -> Callable[..., Any]:
     return refused
 
 
+# --- who may ask the task process ---------------------------------------------------------
+# A pool worker (refuse_task_context) may ask for Variables and Connections; the main process of
+# ProcessPoolOperator's interpreter (act_for_the_task) may also pull and push XComs and get the
+# task's context. Anything else that inherited the patched functions (a stdlib pool forked
+# there) is refused, as before: it must not use the channel it inherited.
+_pool_worker = False
+_acting_pid: int | None = None  # the process acting for the task: its pid (never a fork of it)
+_task_context: dict[str, Any] | None = None
+
+
+def _may_ask() -> bool:
+    return _pool_worker or os.getpid() == _acting_pid
+
+
+def _acts_for_the_task() -> bool:
+    return _acting_pid is not None and os.getpid() == _acting_pid
+
+
 # --- lookups answered by the task process (when this process has the channel) -------------
 
 
-def _ask(kind: str, key: str) -> Any:
+def _ask(kind: str, key: Any) -> Any:
     from airflow_provider_safeproc.context_channel import ask_task_process
 
     return ask_task_process(kind, key)  # type: ignore[arg-type]
@@ -182,10 +200,13 @@ _ANSWERED: dict[tuple[str, str, str], Callable[..., Any] | None] = {
 }
 
 
-def _answerer(fn: Callable[..., Any], owner: Any, skip: int) -> Callable[..., Any]:
-    """``fn(owner, *args)``: the owner (module or class) first, whatever the method kind."""
+def _answerer(fn: Callable[..., Any], owner: Any, skip: int, call: str) -> Callable[..., Any]:
+    """``fn(owner, *args)``: the owner (module or class) first, whatever the method kind; in a
+    process that may not ask (see :func:`_may_ask`), the refusal."""
 
     def answered(*args: Any, **kwargs: Any) -> Any:
+        if not _may_ask():
+            raise _error(_describe(call, args[skip:], kwargs))
         return fn(owner, *args[skip:], **kwargs)
 
     answered.__safeproc_refused__ = True  # type: ignore[attr-defined]  # patched once
@@ -194,10 +215,71 @@ def _answerer(fn: Callable[..., Any], owner: Any, skip: int) -> Callable[..., An
 
 def _replacement(owner: Any, where: tuple[str, str, str], call: str, skip: int) -> Callable[..., Any] | None:
     """The refuser, or (with a channel) what asks the task; None: leave Airflow's own."""
+    if where[2] == "get_current_context":
+        return _current_context_or_refusal(call, skip)
     if where in _ANSWERED and _has_channel():
         answer = _ANSWERED[where]
-        return None if answer is None else _answerer(answer, owner, skip)
+        return None if answer is None else _answerer(answer, owner, skip, call)
     return _refuser(call, skip)
+
+
+def _current_context_or_refusal(call: str, skip: int) -> Callable[..., Any]:
+    def current_context(*args: Any, **kwargs: Any) -> Any:
+        if _acts_for_the_task() and _task_context is not None:
+            return _task_context
+        raise _error(_describe(call, args[skip:], kwargs))
+
+    current_context.__safeproc_refused__ = True  # type: ignore[attr-defined]  # patched once
+    return current_context
+
+
+class TaskInstanceProxy:
+    """``ti`` in :func:`get_current_context` of ProcessPoolOperator's interpreter.
+
+    Its XCom pulls and pushes are done by the task process, on the task's own task instance,
+    so they behave exactly as there (``task_ids=None`` means what it means in that Airflow).
+    Identity fields are plain copies.
+    """
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.dag_id: str = fields.get("dag_id", "")
+        self.task_id: str = fields.get("task_id", "")
+        self.run_id: str = fields.get("run_id", "")
+        self.try_number: int | None = fields.get("try_number")
+        self.map_index: int | None = fields.get("map_index")
+
+    def __repr__(self) -> str:
+        return f"<TaskInstanceProxy {self.dag_id}.{self.task_id} run {self.run_id} (answered by the task process)>"
+
+    def xcom_pull(self, *args: Any, **kwargs: Any) -> Any:
+        """``ti.xcom_pull(...)`` in the task process; positional arguments as there."""
+        if args:
+            kwargs["task_ids"] = args[0]
+            if len(args) > 1:
+                kwargs["dag_id"] = args[1]
+            if len(args) > 2:
+                kwargs["key"] = args[2]
+        return _ask("xcom_pull", kwargs)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        """``ti.xcom_push(key, value)`` in the task process (the value must pickle)."""
+        _ask("xcom_push", {"key": key, "value": value})
+
+
+def act_for_the_task(context: dict[str, Any], task_instance: dict[str, Any]) -> None:
+    """In ProcessPoolOperator's interpreter, before the callable: this process acts for the task.
+
+    Variables and Connections (hooks), XCom pulls and pushes through ``ti`` and
+    ``get_current_context()`` (``context``: the plain context values, plus ``ti`` and
+    ``task_instance`` built from ``task_instance``'s fields) are answered by the task process
+    over its channel. Only this process: a stdlib pool forked here gets the refusal; the
+    pools of this package started here give their workers what pool workers get.
+    """
+    global _acting_pid, _task_context
+    ti = TaskInstanceProxy(task_instance)
+    _task_context = {**context, "ti": ti, "task_instance": ti}
+    _acting_pid = os.getpid()
+    _install()
 
 
 def _has_channel() -> bool:
@@ -292,6 +374,12 @@ def refuse_task_context() -> None:
     the task process instead (see the module docstring). Idempotent; used as the operators'
     worker initializer. Also sets :data:`WORKER_ENVIRONMENT`.
     """
+    global _pool_worker
+    _pool_worker = True
+    _install()
+
+
+def _install() -> None:
     os.environ.update(WORKER_ENVIRONMENT)
     if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

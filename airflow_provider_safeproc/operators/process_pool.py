@@ -20,7 +20,9 @@ from airflow_provider_safeproc import _compat
 from airflow_provider_safeproc.errors import ConfigurationError, RemoteTraceback
 from airflow_provider_safeproc.operators import _config
 from airflow_provider_safeproc.operators._context import (
+    SERIALIZABLE_CONTEXT_KEYS,
     context_kwargs,
+    plain_value,
     push_run_summary,
     refuse_task_process_only_params,
 )
@@ -54,29 +56,49 @@ def _with_process_pool(fn: Callable[..., Any], max_workers: int) -> Callable[...
     def run_with_process_pool(*args: Any, **kwargs: Any) -> Any:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers) as process_pool:
+        initializer: Callable[[], None] | None
+        try:  # its workers ask the task for Variables and Connections, as pool workers do
+            from airflow_provider_safeproc.task_context_guard import refuse_task_context as initializer
+        except ImportError:  # a virtualenv without this package
+            initializer = None
+        with ProcessPoolExecutor(max_workers, initializer=initializer) as process_pool:
             return fn(*args, process_pool=process_pool, **kwargs)
 
     return run_with_process_pool
 
 
-def _without_task_context(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``fn`` so that the child asks the task for Variables and Connections and refuses
-    XComs with a clear error.
+def _plain_context(context: Any) -> dict[str, Any]:
+    """The context values that travel as plain values (see ``_context``), for ``get_current_context()``."""
+    return {key: plain_value(context[key]) for key in SERIALIZABLE_CONTEXT_KEYS if key in context}
+
+
+def _task_instance_fields(ti: Any) -> dict[str, Any]:
+    return {
+        name: getattr(ti, name, None) for name in ("dag_id", "task_id", "run_id", "try_number", "map_index")
+    }
+
+
+def _acting_for_the_task(
+    fn: Callable[..., Any], context: dict[str, Any], task_instance: dict[str, Any]
+) -> Callable[..., Any]:
+    """Wrap ``fn`` so that, in the child, Airflow's task context is the task's.
 
     The child is not a task process (see :mod:`~airflow_provider_safeproc.task_context_guard`):
-    its environment holds the task's context channel, and the guard answers the lookups
-    through it; fork-based pools it starts inherit both. A closure, like
-    :func:`_with_process_pool`.
+    its environment holds the task's context channel, over which the task process answers
+    Variables and Connections (hooks), XCom pulls and pushes through ``ti``, while
+    ``get_current_context()`` gives ``context`` (plain values) with such a ``ti``. Only the
+    child's main process acts for the task; the pools of this package started there ask for
+    Variables and Connections as pool workers do, stdlib pools forked there are refused. A
+    closure, like :func:`_with_process_pool`.
     """
 
-    def run_without_task_context(*args: Any, **kwargs: Any) -> Any:
+    def run_acting_for_the_task(*args: Any, **kwargs: Any) -> Any:
         try:
-            from airflow_provider_safeproc.task_context_guard import refuse_task_context
+            from airflow_provider_safeproc.task_context_guard import act_for_the_task
         except ImportError:  # a virtualenv without this package (and, usually, without Airflow)
             pass
         else:
-            refuse_task_context()
+            act_for_the_task(context, task_instance)
         try:
             return fn(*args, **kwargs)
         except ModuleNotFoundError as exc:
@@ -93,7 +115,7 @@ def _without_task_context(fn: Callable[..., Any]) -> Callable[..., Any]:
                 name=exc.name,
             ) from exc
 
-    return run_without_task_context
+    return run_acting_for_the_task
 
 
 class ProcessPoolOperator(_compat.BaseOperator):
@@ -109,9 +131,9 @@ class ProcessPoolOperator(_compat.BaseOperator):
         (``ds``, ``logical_date``, ``run_id``, ``params``, ``dag_run`` with ``.conf``...) are
         passed when its signature names them. Airflow is not imported in the child unless the
         callable does; there ``Variable.get`` and connections (``BaseHook.get_connection``,
-        hooks) are answered by the task process, once per key, as in pool workers (where the
-        child's interpreter can import Airflow); XComs and ``get_current_context()`` raise
-        ``TaskContextUnavailableError``: pass those values in.
+        hooks) are answered by the task process, once per key, as in pool workers, and
+        ``get_current_context()`` gives the task's context, with a ``ti`` whose XCom pulls and
+        pushes the task process does (where the child's interpreter can import Airflow).
     :param op_args: Positional arguments for the callable. (templated)
     :param op_kwargs: Keyword arguments for the callable. (templated)
     :param max_workers: Size of the ``process_pool`` handed to the callable. None:
@@ -203,9 +225,11 @@ class ProcessPoolOperator(_compat.BaseOperator):
         if _takes_process_pool(fn):
             pool_size = self._pool_size()
             fn = _with_process_pool(fn, pool_size)
-        fn = _without_task_context(fn)
-        # The child, and the pools it starts, ask this process for Variables and Connections.
-        channel = ContextServer(task_context_resolver(self.log.info))
+        ti = context.get("ti")
+        fn = _acting_for_the_task(fn, _plain_context(context), _task_instance_fields(ti))
+        # The child (and the pools it starts) ask this process for Variables and Connections;
+        # the child's main process for XComs too, done on this task's own ti.
+        channel = ContextServer(task_context_resolver(self.log.info, ti=ti))
         try:
             handle = start_in_interpreter(
                 fn,

@@ -48,16 +48,33 @@ def _connection(conn_id: str) -> dict[str, Any] | None:
     return {name: getattr(conn, name, None) for name in CONNECTION_FIELDS}
 
 
-def task_context_resolver(log: Callable[[str], Any] | None = None) -> Callable[[ContextKind, str], Any]:
+def _xcom(ti: Any, kind: str, arguments: dict[str, Any]) -> Any:
+    """An XCom pull or push for ProcessPoolOperator's interpreter, on the task's own ``ti``."""
+    if ti is None:
+        from airflow_provider_safeproc.errors import TaskContextUnavailableError
+
+        raise TaskContextUnavailableError(f"XCom {kind.split('_')[1]} from a worker process")
+    if kind == "xcom_push":
+        ti.xcom_push(key=arguments["key"], value=arguments["value"])
+        return True
+    return ti.xcom_pull(**arguments)
+
+
+def task_context_resolver(
+    log: Callable[[str], Any] | None = None, ti: Any = None
+) -> Callable[[ContextKind, Any], Any]:
     """A resolver for ``SafeProcessPoolExecutor(context_resolver=...)``, used inside an Airflow task.
 
     Workers' ``Variable.get`` and connection lookups (``BaseHook.get_connection``, hooks) are
     then answered by this task process, once per distinct key per pool (the pool caches the
     answers, misses included). ``log`` gets one line per real lookup. Call it in the task
-    (``execute``, a ``@task`` function), not at DAG parse time.
+    (``execute``, a ``@task`` function), not at DAG parse time. ``ti``: the task instance whose
+    XComs ProcessPoolOperator's interpreter pulls and pushes (pool workers never may).
     """
 
-    def resolve(kind: ContextKind, key: str) -> Any:
+    def resolve(kind: ContextKind, key: Any) -> Any:
+        if kind in ("xcom_pull", "xcom_push"):
+            return _xcom(ti, kind, key)
         if log is not None:
             log(f"looking up {kind} {key!r} for the worker processes")
         if kind == "variable":

@@ -169,7 +169,35 @@ def missing_variable():
 
 
 def the_current_context():
-    return airflow_objects.get_current_context()
+    # In the interpreter's main process: the task's context, XComs pulled and pushed on its ti.
+    context = airflow_objects.get_current_context()
+    ti = context["ti"]
+    ti.xcom_push(key="pushed_there", value={{"n": 1}})
+    return {{
+        "run_id": context["run_id"] == ti.run_id,
+        "params": context["params"],
+        "task_id": ti.task_id,
+        "pulled": ti.xcom_pull(task_ids="main"),
+        "own_push": ti.xcom_pull(task_ids="context", key="pushed_there"),
+    }}
+
+
+def a_stdlib_pool_forked_there():
+    # A process forked in the interpreter (as a stdlib fork pool's workers are): not the
+    # interpreter's main process, nor one of our pools' workers: the task's context is refused.
+    import os
+
+    read, write = os.pipe()
+    if os.fork() == 0:
+        try:
+            answer = per_item("forked")
+        except Exception as exc:
+            answer = f"{{type(exc).__name__}}: {{exc}}"
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        return answer.read()
 
 
 def without_airflow():
@@ -180,7 +208,7 @@ def without_airflow():
 
 @dag(schedule=None, start_date=START, catchup=False)
 def ppo_task_context():
-    ProcessPoolOperator(task_id="main", python_callable=in_the_interpreter)
+    first = ProcessPoolOperator(task_id="main", python_callable=in_the_interpreter)
     ProcessPoolOperator(task_id="process_pool", python_callable=in_its_process_pool, max_workers=2)
 
     @task.process_pool
@@ -189,7 +217,10 @@ def ppo_task_context():
 
     safe_pool()
     ProcessPoolOperator(task_id="missing", python_callable=missing_variable, retries=0)
-    ProcessPoolOperator(task_id="context", python_callable=the_current_context, retries=0)
+    reads_context = ProcessPoolOperator(task_id="context", python_callable=the_current_context, retries=0,
+                                        params={{"limit": 7}})
+    ProcessPoolOperator(task_id="stdlib_pool", python_callable=a_stdlib_pool_forked_there, retries=0)
+    first >> reads_context
     ProcessPoolOperator(task_id="no_airflow", python_callable=without_airflow, python=BARE_PYTHON,
                         retries=0)
 
@@ -227,7 +258,8 @@ def test_the_interpreter_and_its_pools_read_variables_and_connections(
             "process_pool": "success",
             "safe_pool": "success",
             "missing": "failed",
-            "context": "failed",
+            "context": "success",
+            "stdlib_pool": "success",
             "no_airflow": "failed",
         }
     )
@@ -244,7 +276,15 @@ def test_the_interpreter_and_its_pools_read_variables_and_connections(
     assert (
         "VARIABLE_NOT_FOUND" if _compat.AIRFLOW_V_3 else "KeyError: 'Variable safeproc_ctx_no_such"
     ) in out
-    assert "get_current_context() is not available in a safeproc worker process" in out
+    assert result.xcom("context") == {
+        "run_id": True,
+        "params": {"limit": 7},
+        "task_id": "context",
+        "pulled": "main@warehouse.example:6543/sales in eu-north",
+        "own_push": {"n": 1},
+    }
+    assert result.xcom("context", key="pushed_there") == {"n": 1}  # pushed by the task, for real
+    assert result.xcom("stdlib_pool").startswith("TaskContextUnavailableError: ")
     assert f"No module named 'airflow' in the interpreter {python_without_airflow}" in out
     assert "need an interpreter that can import Airflow" in out
 
