@@ -68,7 +68,7 @@ def in_interpreter(process_pool) -> list[str]:
 
 
 def shared_sockets(item: int) -> dict:
-    """The sockets this worker shares with the task process (its guardian's parent)."""
+    """The sockets this worker shares with the task process."""
     import os
 
     import psutil
@@ -84,7 +84,9 @@ def shared_sockets(item: int) -> dict:
                 found.add(target)
         return found
 
-    task_pid = psutil.Process(os.getppid()).ppid()
+    # The task process: the first ancestor outside the pool's own session (the pool's keeper,
+    # its helper and the workers have one of their own).
+    task_pid = next(p.pid for p in psutil.Process().parents() if os.getsid(p.pid) != os.getsid(0))
     theirs = sockets(task_pid)
     return {"task_sockets": len(theirs), "shared": sorted(sockets(os.getpid()) & theirs)}
 
