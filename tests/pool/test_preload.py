@@ -110,6 +110,7 @@ def test_without_preload_each_worker_imports_for_itself(modules):
     def per_item(x):
         import safeproc_tracked_c
 
+        time.sleep(0.05)  # every worker gets items, however late the second one starts
         return x + safeproc_tracked_c.VALUE
 
     with SafeProcessPoolExecutor(2) as pool:
