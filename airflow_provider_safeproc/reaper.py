@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 try:  # the C module: signal.py imports enum, milliseconds the fresh interpreter need not spend
@@ -96,6 +96,18 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
+def _edges(children: dict[int, list[int]], root: int, seen: set[int]) -> Iterator[tuple[int, int]]:
+    """``(pid, parent pid)`` below ``root``, parents before their children; ``seen`` grows."""
+    queue = [root]
+    while queue:
+        parent = queue.pop(0)
+        for child in children.get(parent, ()):
+            if child not in seen:
+                seen.add(child)
+                yield child, parent
+                queue.append(child)
+
+
 def _tree(roots: Iterable[int], include_roots: bool) -> list[int]:
     """Live pids of ``roots``' trees, parents before their children."""
     children = _children_by_parent()
@@ -108,27 +120,13 @@ def _tree(roots: Iterable[int], include_roots: bool) -> list[int]:
         seen.add(root)
         if include_roots and root in alive:
             order.append(root)
-        queue = [root]
-        while queue:
-            for child in children.get(queue.pop(0), ()):
-                if child not in seen:
-                    seen.add(child)
-                    order.append(child)
-                    queue.append(child)
+        order.extend(child for child, _parent in _edges(children, root, seen))
     return order
 
 
 def tree_of(pid: int) -> list[tuple[int, int]]:
     """``(pid, parent pid)`` of every live descendant of ``pid``, parents before their children."""
-    children = _children_by_parent()
-    order: list[tuple[int, int]] = []
-    queue = [pid]
-    while queue:
-        parent = queue.pop(0)
-        for child in children.get(parent, ()):
-            order.append((child, parent))
-            queue.append(child)
-    return order
+    return list(_edges(_children_by_parent(), pid, {pid}))
 
 
 def descendant_pids(pid: int | None = None) -> list[int]:

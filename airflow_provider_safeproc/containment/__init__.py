@@ -49,7 +49,7 @@ Stdlib only, like :mod:`~airflow_provider_safeproc.reaper`, which does the walki
 from __future__ import annotations
 
 from airflow_provider_safeproc.containment.cgroups import PoolCgroup, join_cgroup
-from airflow_provider_safeproc.containment.keeper import Kept, keep
+from airflow_provider_safeproc.containment.keeper import Kept, keep, reap_keeper
 from airflow_provider_safeproc.containment.tags import (
     TAG_KEY,
     end_tagged_processes,
@@ -58,16 +58,19 @@ from airflow_provider_safeproc.containment.tags import (
     stamp_worker_tag,
     tag_environment,
 )
+from airflow_provider_safeproc.containment.workers import WorkerContainment
 
 __all__ = [
     "TAG_KEY",
     "Kept",
     "PoolCgroup",
+    "WorkerContainment",
     "end_tagged_processes",
     "end_what_a_worker_left",
     "join_cgroup",
     "keep",
     "pool_token",
+    "reap_keeper",
     "stamp_worker_tag",
     "tag_environment",
 ]

@@ -13,7 +13,7 @@ import time
 from typing import NamedTuple, NoReturn
 
 from airflow_provider_safeproc.containment.cgroups import PoolCgroup
-from airflow_provider_safeproc.containment.tags import pool_token
+from airflow_provider_safeproc.containment.tags import end_tagged_processes, pool_token
 from airflow_provider_safeproc.reaper import (
     SIGTERM,
     collect_children,
@@ -21,6 +21,7 @@ from airflow_provider_safeproc.reaper import (
     kill_process_tree_now,
     set_child_subreaper,
     set_parent_death_signal,
+    wait_for_child,
 )
 from airflow_provider_safeproc.streams import drain
 
@@ -60,6 +61,27 @@ def keep(parent_pid: int, *, grace: float) -> Kept:
             os.close(parent_fd)
         return Kept(keeper_pid, cgroup, token)
     _Keeper(parent_pid, parent_fd, helper_pid, grace, cgroup).run()
+
+
+def reap_keeper(pid: int, timeout: float | None, token: str) -> int | None:
+    """In the task process: reap the pool's keeper, our child. Its exit code (that of the
+    helper; -1 when it is not our child), or None if it still runs after ``timeout`` (None:
+    wait as long as it takes). Wakes the moment it exits.
+
+    A keeper that did not exit cleanly may have been killed before it swept: whatever carries
+    the pool's ``token`` is then ended here, the last resort.
+    """
+    try:
+        status = wait_for_child(pid, timeout)
+    except ChildProcessError:
+        code = -1
+    else:
+        if status is None:
+            return None
+        code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        end_tagged_processes(token)
+    return code
 
 
 def _pidfd(pid: int) -> int | None:

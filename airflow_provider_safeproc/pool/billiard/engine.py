@@ -27,7 +27,7 @@ import traceback
 import weakref
 from typing import Any, ClassVar
 
-from airflow_provider_safeproc.containment import end_tagged_processes, tag_environment
+from airflow_provider_safeproc.containment import reap_keeper, tag_environment
 from airflow_provider_safeproc.errors import BrokenPoolError, describe_exit
 from airflow_provider_safeproc.pool.billiard import helper
 from airflow_provider_safeproc.pool.billiard import messages as m
@@ -45,7 +45,7 @@ from airflow_provider_safeproc.pool.protocol import (
 from airflow_provider_safeproc.pool.protocol import wire_positions as _wire_positions
 from airflow_provider_safeproc.pool.stamped import StampedWorker, TimeoutHandler
 from airflow_provider_safeproc.pool.workqueue import WorkQueue
-from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process, wait_for_child
+from airflow_provider_safeproc.reaper import kill_process_tree_now, signal_process
 from airflow_provider_safeproc.serialization import rebuild_exception
 from airflow_provider_safeproc.streams import FrameBuffer, drain, frame_parts, send_frame
 
@@ -359,23 +359,17 @@ class BilliardEngine(Engine):
             signal_process(worker.pid, signal.SIGKILL)
 
     def _wait_helper(self, timeout: float | None) -> int | None:
-        """Reap the helper's keeper; if it did not exit cleanly, it may have been killed before
-        it swept: end what carries the pool's tag (the last resort, see containment)."""
+        """Reap the helper's keeper (see ``containment.reap_keeper``); its exit code, which
+        ``Popen`` keeps. Raises ``TimeoutExpired`` as ``Popen.wait`` does."""
         proc = self._proc
         if proc is None:
             return None
-        if proc.returncode is None:  # Popen.wait would poll, sleeping up to 50 ms between looks
-            try:
-                status = wait_for_child(proc.pid, timeout)
-            except ChildProcessError:
-                status = 255 << 8
-            if status is None:
+        if proc.returncode is None:  # not Popen.wait: it polls, sleeping up to 50 ms between looks
+            code = reap_keeper(proc.pid, timeout, self.token)
+            if code is None:
                 raise subprocess.TimeoutExpired(proc.args, timeout or 0.0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        code = proc.returncode
-        if code != 0:
-            end_tagged_processes(self.token)
-        return code
+            proc.returncode = code
+        return proc.returncode
 
     def _teardown(self) -> None:
         state = self.queue.state

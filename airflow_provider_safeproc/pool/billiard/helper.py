@@ -36,7 +36,7 @@ import billiard
 from billiard.pool import READY
 from billiard.reduction import ForkingPickler
 
-from airflow_provider_safeproc.containment import Kept, end_what_a_worker_left, keep
+from airflow_provider_safeproc.containment import Kept, WorkerContainment, keep
 from airflow_provider_safeproc.pool.billiard import messages as m
 from airflow_provider_safeproc.pool.billiard.task import OURS, run_task
 from airflow_provider_safeproc.pool.billiard.workerpool import PerWorkerPool, WorkerPipes
@@ -75,7 +75,7 @@ class _Helper:
     def __init__(self, ctrl: socket.socket, kept: Kept) -> None:
         self.ctrl = ctrl
         self.parent_pid = kept.keeper_pid  # if the keeper goes, we end everything and go
-        self.kept = kept
+        self.containment = WorkerContainment(kept)
         self.frames = FrameBuffer()
         self.selector = selectors.DefaultSelector()
         self.lines: dict[int, LineSplitter] = {}
@@ -83,7 +83,6 @@ class _Helper:
         self.pool: PerWorkerPool | None = None
         self.early: list[tuple[Any, bytes]] = []
         self.status_dir: str | None = None
-        self.emptied_groups: list[str] = []  # dead workers' cgroups, to remove once empty
 
     def run(self) -> None:
         set_child_subreaper()  # Linux: what a worker leaves behind stays findable
@@ -107,7 +106,7 @@ class _Helper:
             status_dir=status_dir,
             on_worker_started=self._worker_started,
             shared_fds=config.worker.shared_fds,
-            cgroup=self.kept.cgroup,
+            cgroup=self.containment.cgroup,
         )
         self._send(m.HelperReady(os.getpid()))
         self._handle_engine_frames(self.early)
@@ -276,25 +275,14 @@ class _Helper:
                     self._unregister(pipes.output_fd)
             self.lines.pop(pid, None)
             self._send(m.WorkerDown(pid, pool.exit_codes.pop(pid, None)))
-            if self.quitting is None:
-                self._end_what_it_left(pipes)
+            if self.quitting is None:  # what its items started dies with it, now (see containment)
+                self.containment.worker_died(pid, pipes.cgroup, set(pool.pipes) - {pid})
             task = pool.forget(pid)
             if task is not None:
                 pool.backlog.appendleft(task)
         if gone:
             pool.settle_exits()
             pool.dispatch()
-
-    def _end_what_it_left(self, pipes: WorkerPipes) -> None:
-        """What a dead worker's items started dies with it, now (see containment)."""
-        cgroup = self.kept.cgroup
-        if pipes.cgroup is not None and cgroup is not None and cgroup.kill(pipes.cgroup):
-            self.emptied_groups.append(pipes.cgroup)  # every process it started, whatever it did
-        if self.kept.token is not None:  # and by tag, should the worker have failed to enter it
-            assert self.pool is not None
-            end_what_a_worker_left(pipes.pid, self.kept.token, keep=set(self.pool.pipes) - {pipes.pid})
-        if cgroup is not None:  # removed once empty: a moment after the kill
-            self.emptied_groups = [g for g in self.emptied_groups if not cgroup.remove_empty(g)]
 
     # --- the end -------------------------------------------------------------------------------
     def _quit(self, grace: float) -> None:

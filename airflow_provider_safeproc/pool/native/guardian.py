@@ -34,7 +34,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
-from airflow_provider_safeproc.containment import Kept, end_what_a_worker_left, keep
+from airflow_provider_safeproc.containment import Kept, WorkerContainment, keep
 from airflow_provider_safeproc.pool.native import worker
 from airflow_provider_safeproc.pool.native.control import (
     FromGuardian,
@@ -153,10 +153,8 @@ class _Guardian:
         self.config_fd = config_fd
         self.config_bytes = config_bytes
         self.parent_pid = kept.keeper_pid  # the keeper: if it goes, we end everything and go
-        self.cgroup = kept.cgroup
-        self.token = kept.token
-        self.worker_groups: dict[int, str] = {}  # worker pid -> its cgroup
-        self.emptied_groups: list[str] = []  # dead workers' cgroups, to remove once empty
+        self.containment = WorkerContainment(kept)
+        self.worker_groups: dict[int, str | None] = {}  # worker pid -> its cgroup
         self.worker_start = worker_start
         self.inherited = inherited
         self.workers: set[int] = set()
@@ -250,7 +248,7 @@ class _Guardian:
             if isinstance(message, Quit):
                 raise _Stop(message.grace, workers_closing=message.idle)
             raise _Stop(_STOP_GRACE)  # end of file: the pool's process is gone
-        group = self.cgroup.worker_group(f"w{message.key}") if self.cgroup is not None else None
+        group = self.containment.worker_group(f"w{message.key}")
         try:
             pid = self._start_worker(group, *fds)
         except Exception:
@@ -260,24 +258,21 @@ class _Guardian:
             for fd in fds:
                 os.close(fd)
         self.workers.add(pid)
-        if group is not None:
-            self.worker_groups[pid] = group
+        self.worker_groups[pid] = group
         self._send(WorkerStarted(message.key, pid))
 
     def _start_worker(self, group: str | None, sock_fd: int, out_fd: int, status_fd: int) -> int:
         """A new worker, in its own cgroup where there is one (before it runs anything)."""
         if self.worker_start == "spawn":
             pid = self._spawn_worker(sock_fd, out_fd, status_fd)
-            if group is not None and self.cgroup is not None:
-                self.cgroup.join(group, pid)  # it is still starting its interpreter
+            self.containment.join(group, pid)  # it is still starting its interpreter
             return pid
         me = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 self.ctrl.detach()
-                if group is not None and self.cgroup is not None:
-                    self.cgroup.join(group)
+                self.containment.join(group)
                 worker.serve_forked(sock_fd, out_fd, status_fd, self.config_bytes, me, self.inherited)
             finally:
                 os._exit(70)
@@ -307,17 +302,8 @@ class _Guardian:
             self.workers.discard(pid)
             if not self.stopping:
                 self._send(WorkerExited(pid, os.waitstatus_to_exitcode(status)))
-                self._end_what_it_left(pid)
-
-    def _end_what_it_left(self, pid: int) -> None:
-        """What a dead worker's items started dies with it, now (see containment)."""
-        group = self.worker_groups.pop(pid, None)
-        if group is not None and self.cgroup is not None and self.cgroup.kill(group):
-            self.emptied_groups.append(group)  # every process it started, whatever it did
-        if self.token is not None:  # and by tag, should the worker have failed to enter it
-            end_what_a_worker_left(pid, self.token, keep=self.workers)
-        if self.cgroup is not None:  # removed once empty: a moment after the kill
-            self.emptied_groups = [g for g in self.emptied_groups if not self.cgroup.remove_empty(g)]
+                # What its items started dies with it, now (see containment).
+                self.containment.worker_died(pid, self.worker_groups.pop(pid, None), self.workers)
 
     def _end_tree(self, grace: float, *, workers_closing: bool) -> None:
         """TERM every descendant, KILL what is left after ``grace``, reap until none is left."""

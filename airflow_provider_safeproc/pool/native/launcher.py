@@ -18,12 +18,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-from airflow_provider_safeproc.containment import end_tagged_processes, tag_environment
+from airflow_provider_safeproc.containment import reap_keeper, tag_environment
 from airflow_provider_safeproc.pool.native import guardian
 from airflow_provider_safeproc.pool.native.control import FromGuardian, Preload, Quit, SpawnWorker
 from airflow_provider_safeproc.pool.native.entry import entry_point_argv
 from airflow_provider_safeproc.pool.protocol import WorkerConfig
-from airflow_provider_safeproc.reaper import wait_for_child
 
 
 class GuardianHandle:
@@ -141,18 +140,9 @@ class GuardianHandle:
         """Reap the guardian; its exit code, or None if it still runs after ``timeout``."""
         if self.pid is None or self._exitcode is not None:
             return self._exitcode
-        try:
-            status = wait_for_child(self.pid, timeout)
-        except ChildProcessError:
-            self._exitcode = -1
-        else:
-            if status is None:
-                return None
-            self._exitcode = os.waitstatus_to_exitcode(status)
-        if self._popen is not None:
+        self._exitcode = reap_keeper(self.pid, timeout, self.token)
+        if self._popen is not None and self._exitcode is not None:
             self._popen.returncode = self._exitcode  # reaped here; keep Popen from warning
-        if self._exitcode != 0:  # the keeper may have been killed before it swept: the last resort
-            end_tagged_processes(self.token)
         return self._exitcode
 
     def close(self) -> None:
