@@ -120,15 +120,20 @@ class _Keeper:
         signal.signal(signal.SIGUSR1, lambda *_: self._kill_everything(by_request=True))
         poller = select.poll()
         poller.register(wake_r, select.POLLIN)
-        if self.parent_fd is not None:
-            poller.register(self.parent_fd, select.POLLIN)
+        watched = self.parent_fd  # T's pidfd, until T is gone (or we stop for another reason)
+        if watched is not None:
+            poller.register(watched, select.POLLIN)
         while True:
             collect_children(self._reaped)
             if self.helper_status is not None:
                 break
-            if self._parent_gone():
+            if self.told_at is None and self._parent_gone():
                 self._tell_helper()
-            timeout = None if self.parent_fd is not None else _KEEPER_TICK
+            if watched is not None and self.told_at is not None:
+                # An exited process's pidfd stays readable: polling it now would spin.
+                poller.unregister(watched)
+                watched = None
+            timeout = None if watched is not None else _KEEPER_TICK
             if self.told_at is not None:
                 left = self.told_at + self.grace + 0.5 - time.monotonic()
                 if left <= 0:
