@@ -40,6 +40,7 @@ __all__ = [
     "set_child_subreaper",
     "set_parent_death_signal",
     "signal_process",
+    "stat_fields",
     "tree_of",
     "wait_for_child",
 ]
@@ -73,6 +74,20 @@ def set_child_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` from field 3 (state) on, or None if it is gone.
+
+    Field n of proc(5) is at index n - 3. The command name (field 2) may hold spaces and
+    parentheses, so the split starts after the last ")".
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     """ppid -> pids of the live (non-zombie) processes visible in /proc."""
     children: dict[int, list[int]] = {}
@@ -83,14 +98,8 @@ def _children_by_parent() -> dict[int, list[int]]:
     for entry in entries:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) < 2 or fields[0] == b"Z":
+        fields = stat_fields(entry)
+        if fields is None or len(fields) < 2 or fields[0] == b"Z":
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
     return children
@@ -273,9 +282,5 @@ def reap_process_tree(
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[1])

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from airflow_provider_safeproc.reaper import SIGKILL, tree_of
+from airflow_provider_safeproc.reaper import SIGKILL, stat_fields, tree_of
 
 TAG_KEY = "SAFEPROC_TAG"
 _PID_DIGITS = 10  # every tag has the placeholder's length: it is written over it in place
@@ -59,9 +59,9 @@ def _rewrite_initial_environment(old: bytes, new: bytes) -> bool:
     try:
         import ctypes  # a worker that stamps pays for it once; the helper already has it
 
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2 :].split()
+        fields = stat_fields("self")
+        if fields is None:
+            return False
         start, end = int(fields[47]), int(fields[48])  # env_start, env_end: stat fields 50, 51
         at = _find_entry(ctypes.string_at(start, end - start), old + b"\0")
         if at is None:
